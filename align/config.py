@@ -1,0 +1,197 @@
+"""Recipes: typed, validated once at the edge. YAML sets defaults, CLI flags override, `--set` overrides both.
+
+A recipe has sections `model`, `data`, `lora`, `train`. `train` passes straight through to TRL's `SFTConfig` /
+`DPOConfig` field names, so every TRL option is reachable; its keys are checked against those dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from align.errors import AlignError, did_you_mean
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    name: str = "smollm2-135m"
+    """What `--model` names: a model dir, hub id, .gguf file, adapter dir, or the alias `smollm2-135m`."""
+    dtype: str = "auto"
+    """auto (bf16 where the hardware runs it fast, else fp32), float32, bfloat16, bf16-autocast, float16."""
+    attn: str = "sdpa"
+    """Attention implementation: sdpa, eager, flash_attention_2."""
+    quantize: Literal["4bit", "8bit"] | None = None
+    """Load the base through bitsandbytes (QLoRA with 4bit)."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """auto: only when the planned peak does not fit the device's memory."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the model; auto: when the run is long enough to repay compilation."""
+
+
+class DataSpec(Section):
+    path: str = "builtin:pig-latin"
+    """A local jsonl/json/csv/parquet file, a hub dataset id, or `builtin:NAME`."""
+    format: str | None = None
+    """Force a format instead of detecting it."""
+    split: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+    eval_path: str | None = None
+    """A separate evaluation file or dataset."""
+    eval_split: str | None = None
+    eval_size: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Hold out this share of the training rows for eval loss when no eval_path is given."""
+    skip_invalid: bool = False
+    """Drop invalid rows (and report how many) instead of stopping at the first."""
+    loss_on: Literal["assistant", "last", "all"] = "assistant"
+    """Which tokens carry loss: every assistant turn, the last assistant turn, or everything."""
+
+
+class LoraSpec(Section):
+    r: int = Field(default=16, gt=0)
+    alpha: float | None = None
+    """Defaults to 2*r."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    rslora: bool = False
+    dora: bool = False
+    init: Literal["default", "gaussian", "pissa", "loftq"] = "default"
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+
+class TrainRecipe(Section):
+    """What `align sft` and `align dpo` share."""
+
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    lora: LoraSpec = LoraSpec()
+    train: dict[str, Any] = {}
+    """Passed to TRL's SFTConfig / DPOConfig (field names as TRL spells them)."""
+    output: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    @field_validator("train")
+    @classmethod
+    def _train_is_mapping(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return dict(value)
+
+
+class SFTRecipe(TrainRecipe):
+    pass
+
+
+# ---- loading and overriding --------------------------------------------------------------------------------------
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise AlignError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise AlignError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise AlignError(f"{path}: a recipe must be a mapping of sections")
+    return data
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c = value` in nested dicts, creating levels as needed."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {} if child is None else _fail_scalar(dotted, key)
+        node = child
+    node[keys[-1]] = value
+
+
+def _fail_scalar(dotted: str, key: str) -> dict[str, Any]:
+    raise AlignError(f"--set {dotted}: '{key}' is a value, not a section")
+
+
+def parse_set(items: tuple[str, ...] | list[str]) -> list[tuple[str, Any]]:
+    """`--set train.learning_rate=1e-4` pairs; values are parsed as YAML scalars (numbers, bools, lists)."""
+    parsed = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise AlignError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def build_recipe(
+    cls: type[TrainRecipe],
+    recipe_path: str | Path | None,
+    flags: dict[str, Any],
+    sets: tuple[str, ...] | list[str] = (),
+    trl_config: type | None = None,
+) -> TrainRecipe:
+    """Merge YAML < flags < --set, then validate. `flags` maps dotted keys to values (None = not given)."""
+    data = load_yaml(recipe_path) if recipe_path else {}
+    for key, value in flags.items():
+        if value is not None:
+            set_path(data, key, value)
+    for key, value in parse_set(sets):
+        set_path(data, key, value)
+    recipe = validate(cls, data, str(recipe_path or "recipe"))
+    if trl_config is not None:
+        check_trl_keys(recipe.train, trl_config, str(recipe_path or "train"))
+    return recipe
+
+
+def validate(cls: type[BaseModel], data: dict[str, Any], where: str) -> Any:
+    """Validate with pydantic and turn the first error into one line, with a did-you-mean for unknown keys."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            section = _section_model(cls, error["loc"][:-1])
+            hint = did_you_mean(str(error["loc"][-1]), list(section.model_fields)) if section else ""
+            raise AlignError(f"{where}: unknown key '{loc}'{hint}") from None
+        raise AlignError(f"{where}: {loc}: {error['msg']} (got {error.get('input')!r})") from None
+
+
+def _section_model(cls: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = cls
+    for part in path:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def check_trl_keys(train: dict[str, Any], config_cls: type, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    for key in train:
+        if key not in names:
+            raise AlignError(
+                f"{where}: unknown key 'train.{key}'{did_you_mean(key, sorted(names))} "
+                f"(train keys are {config_cls.__name__} fields)"
+            )
+
+
+def recipe_dict(recipe: BaseModel) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")
