@@ -1,0 +1,120 @@
+"""`align sft`: supervised fine-tuning of a LoRA adapter with TRL's SFTTrainer.
+
+Stages, in data-flow order: validate inputs -> load data -> load model -> build trainer -> train -> save.
+Every input check happens before the output dir is created, so bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.artifacts import check_output_dir, output_dir, partial_dir, Timer
+from align.config import SFTRecipe
+from align.data import fingerprint_rows, load_sft_data, tokenize_sft_rows
+from align.errors import AlignError
+from align.models import LoadOptions, load_model, load_tokenizer, resolve_model
+from align.training import (
+    attach_lora, check_lora_compatibility, estimated_steps, final_metrics, finish_training, log_series, plan_machine,
+    progress_callback, quiet_trainer, resume_checkpoint, run_record, trainer_arguments,
+)
+
+
+@dataclass
+class SFTData:
+    train: list[dict[str, list[int]]]
+    eval: list[dict[str, list[int]]]
+    record: dict[str, Any]
+
+
+def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
+    """Read, validate, normalize and tokenize; hold out an eval split when asked."""
+    spec = recipe.data
+    rows, fmt, raw = load_sft_data(spec.path, spec.format, spec.split, spec.limit, spec.skip_invalid)
+    eval_rows: list[dict[str, Any]] = []
+    if spec.eval_path:
+        eval_rows, _, _ = load_sft_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid)
+    elif spec.eval_size > 0:
+        order = list(range(len(rows)))
+        random.Random(int(recipe.train.get("seed", 0))).shuffle(order)
+        held = set(order[: max(1, int(len(rows) * spec.eval_size))])
+        eval_rows = [r for i, r in enumerate(rows) if i in held]
+        rows = [r for i, r in enumerate(rows) if i not in held]
+    train = tokenize_sft_rows(tokenizer, rows, spec.loss_on)
+    if not any(any(label != -100 for label in t["labels"]) for t in train):
+        raise AlignError(f"{spec.path}: no row has any token to learn from (loss_on={spec.loss_on})")
+    record = {
+        "source": spec.path,
+        "format": fmt,
+        "rows": len(rows),
+        "eval_rows": len(eval_rows),
+        "skipped_invalid": raw.skipped,
+        "fingerprint": fingerprint_rows(rows),
+        "eval_fingerprint": fingerprint_rows(eval_rows) if eval_rows else None,
+        "train_tokens": sum(len(t["input_ids"]) for t in train),
+        "loss_tokens": sum(sum(1 for x in t["labels"] if x != -100) for t in train),
+    }
+    if raw.skipped:
+        import logging
+
+        logging.getLogger(__name__).warning("skipped %d invalid rows (first: %s)", raw.skipped, raw.problems[0])
+    return SFTData(train, tokenize_sft_rows(tokenizer, eval_rows, spec.loss_on), record)
+
+
+def sft_config(args: dict[str, Any]) -> Any:
+    from trl import SFTConfig
+
+    try:
+        return SFTConfig(**args)
+    except (TypeError, ValueError) as exc:
+        raise AlignError(f"invalid train settings: {str(exc).splitlines()[0]}") from None
+
+
+def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
+    """Train a LoRA adapter as the recipe says; return the finished output dir."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    if not recipe.output:
+        raise AlignError("no output dir: pass --output DIR")
+    out = Path(recipe.output)
+    check_output_dir(out, recipe.overwrite, recipe.resume)
+    check_lora_compatibility(recipe)
+    timer = Timer()
+    with timer.phase("resolve_model"):
+        resolved = resolve_model(recipe.model.name)
+        tokenizer = load_tokenizer(resolved)
+    with timer.phase("data"):
+        data = prepare_sft_data(recipe, tokenizer)
+    steps = estimated_steps(recipe.train, len(data.train))
+    plan = plan_machine(recipe.model, recipe.train, steps)
+    args = trainer_arguments(recipe, plan, partial_dir(out))
+    if data.eval and "eval_strategy" not in recipe.train:
+        args.update(eval_strategy="steps", eval_steps=args.get("save_steps", 100))
+    config = sft_config(args)
+
+    with output_dir(out, recipe.overwrite, recipe.resume, keep_on_error=True) as handle:
+        checkpoint = resume_checkpoint(handle.path, recipe.resume)
+        with timer.phase("load_model"):
+            options = LoadOptions(recipe.model.dtype, recipe.model.attn, recipe.model.quantize)
+            model = load_model(resolved, options, tokenizer, adapter="trainable")
+            model = attach_lora(model, resolved, recipe.lora, plan.gradient_checkpointing)
+        trainer = quiet_trainer(SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(data.train),
+            eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+            processing_class=tokenizer,
+            callbacks=[progress_callback(steps, progress)],
+        ))
+        with timer.phase("train"):
+            output = trainer.train(resume_from_checkpoint=checkpoint)
+        history = [h for h in trainer.state.log_history]
+        metrics = final_metrics(history, output)
+        record = run_record("sft", recipe, resolved, plan, args, data.record, history, metrics,
+                            {**timer.phases, "total": timer.total()}, trainer.model,
+                            extra={"resumed_from": checkpoint})
+        plots = {"loss.png": log_series(history, "loss", "eval_loss")}
+        return finish_training(handle, "sft", trainer, tokenizer, recipe, resolved, record, plots)

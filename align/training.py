@@ -1,0 +1,363 @@
+"""What SFT and DPO share: LoRA set-up, the trainer arguments we choose for the machine, progress, checkpoints,
+and writing the finished adapter with its provenance.
+
+We wrap TRL's trainers and configure them; we do not subclass them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.artifacts import OutputDir, machine_info, package_versions, peak_memory, plot_series
+from align.config import LoraSpec, ModelSpec, TrainRecipe, recipe_dict
+from align.errors import AlignError
+from align.models import Precision, ResolvedModel, model_summary, pick_precision
+
+# Steps below which torch.compile does not repay its compile time on CPU (measured in benchmarks/sft_throughput.py).
+COMPILE_MIN_STEPS = 150
+
+
+def lora_config(spec: LoraSpec, task: str = "CAUSAL_LM") -> Any:
+    from peft import LoraConfig
+
+    init: Any = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}[spec.init]
+    extra: dict[str, Any] = {}
+    if spec.init == "loftq":
+        from peft import LoftQConfig
+
+        extra["loftq_config"] = LoftQConfig(loftq_bits=4)
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        use_rslora=spec.rslora,
+        use_dora=spec.dora,
+        init_lora_weights=init,
+        task_type=task,
+        **extra,
+    )
+
+
+def check_lora_compatibility(recipe: TrainRecipe) -> None:
+    """Incompatible flag combinations, caught before anything loads."""
+    if recipe.lora.init == "loftq" and recipe.model.quantize:
+        raise AlignError("--lora init loftq quantizes the base itself: load it unquantized (drop --quantize)")
+    if recipe.lora.init == "pissa" and recipe.model.quantize:
+        raise AlignError("PiSSA init needs the full-precision base weights (drop --quantize, or use lora.init=default)")
+    if recipe.lora.dora and recipe.model.quantize == "8bit":
+        raise AlignError("DoRA is not supported on an 8-bit base (use --quantize 4bit or none)")
+
+
+def attach_lora(model: Any, resolved: ResolvedModel, spec: LoraSpec, gradient_checkpointing: bool) -> Any:
+    """A fresh LoRA adapter, or keep training the adapter `--model` named. Quantized bases are prepared for k-bit
+    training (fp32 norms, input grads) as PEFT prescribes for QLoRA."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if isinstance(model, PeftModel):
+        return model
+    return get_peft_model(model, lora_config(spec))
+
+
+# ---- choices for the machine ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MachinePlan:
+    """The defaults we pick for this machine and run, recorded in run.json with the reasons."""
+
+    precision: Precision
+    gradient_checkpointing: bool
+    torch_compile: bool
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"precision": self.precision.name, "gradient_checkpointing": self.gradient_checkpointing,
+                "torch_compile": self.torch_compile, "reasons": {"precision": self.precision.reason, **self.reasons}}
+
+
+def plan_machine(model_spec: ModelSpec, train: dict[str, Any], steps: int) -> MachinePlan:
+    precision = pick_precision(model_spec.dtype)
+    reasons: dict[str, str] = {}
+    checkpointing = train.get("activation_checkpointing", train.get("gradient_checkpointing", model_spec.gradient_checkpointing))
+    if checkpointing == "auto":
+        # Checkpointing costs ~25% more compute; on a run whose activations fit it only slows training down.
+        checkpointing = False
+        reasons["gradient_checkpointing"] = "off: activations fit in memory (turn on with --gradient-checkpointing)"
+    else:
+        reasons["gradient_checkpointing"] = "requested"
+    compile_ = train.get("torch_compile", model_spec.compile)
+    if compile_ == "auto":
+        compile_ = steps >= COMPILE_MIN_STEPS and model_spec.quantize is None and sys.platform == "linux"
+        reasons["torch_compile"] = (f"{'on' if compile_ else 'off'}: {steps} steps "
+                                    f"({'>=' if compile_ else '<'} {COMPILE_MIN_STEPS} repays compile time)")
+    else:
+        reasons["torch_compile"] = "requested"
+    return MachinePlan(precision, bool(checkpointing), bool(compile_), reasons)
+
+
+def trainer_arguments(recipe: TrainRecipe, plan: MachinePlan, workdir: Path) -> dict[str, Any]:
+    """TRL/Trainer keyword arguments: our machine-aware defaults, then the recipe's `train` section on top."""
+    precision = plan.precision
+    defaults: dict[str, Any] = {
+        "output_dir": str(workdir),
+        "bf16": precision.bf16_autocast or precision.weights == torch.bfloat16,
+        "fp16": precision.weights == torch.float16,
+        "torch_compile": plan.torch_compile,
+        "learning_rate": 2e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05,
+        "weight_decay": 0.0,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 100,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+        "dataloader_num_workers": 0,
+        "use_cpu": not torch.cuda.is_available(),
+        "include_num_input_tokens_seen": "non_padding",
+    }
+    merged = {**defaults, **recipe.train}
+    merged["output_dir"] = str(workdir)  # artifacts always go through the atomic output dir
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; the plan already folded in either.
+    for legacy in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):
+        merged.pop(legacy, None)
+    merged["activation_checkpointing"] = plan.gradient_checkpointing
+    merged.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    merged["torch_compile"] = plan.torch_compile
+    return merged
+
+
+def estimated_steps(train: dict[str, Any], rows: int) -> int:
+    """Optimizer steps the run will take: max_steps, else epochs over the data."""
+    if train.get("max_steps", -1) and train.get("max_steps", -1) > 0:
+        return int(train["max_steps"])
+    batch = int(train.get("per_device_train_batch_size", 8)) * int(train.get("gradient_accumulation_steps", 1))
+    return math.ceil(rows / max(batch, 1)) * int(math.ceil(float(train.get("num_train_epochs", 3))))
+
+
+def quiet_trainer(trainer: Any) -> Any:
+    """Drop the Trainer's PrinterCallback (it prints every log dict to stdout when tqdm is off); our bar shows them."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+# ---- progress ----------------------------------------------------------------------------------------------------
+
+
+def progress_callback(total_steps: int, enabled: bool = True) -> Any:
+    """A tqdm bar showing loss and non-padding tokens/s, updated from the trainer's own logs."""
+    from transformers import TrainerCallback
+
+    class ProgressBar(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar: Any = None
+            self.start = 0.0
+            self.tokens_at_start = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if not enabled or not state.is_world_process_zero:
+                return
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps or total_steps, initial=state.global_step, desc="train",
+                            unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.start = time.perf_counter()
+            self.tokens_at_start = int(state.num_input_tokens_seen or 0)
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if self.bar is None or not logs:
+                return
+            shown = {}
+            if "loss" in logs:
+                shown["loss"] = f"{logs['loss']:.4f}"
+            elapsed = time.perf_counter() - self.start
+            tokens = int(state.num_input_tokens_seen or 0) - self.tokens_at_start
+            if elapsed > 0 and tokens > 0:
+                shown["tok/s"] = f"{tokens / elapsed:.0f}"
+            if "rewards/margins" in logs:
+                shown["margin"] = f"{logs['rewards/margins']:.3f}"
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.close()
+
+    return ProgressBar()
+
+
+# ---- checkpoints and resume -------------------------------------------------------------------------------------
+
+
+CHECKPOINT_MARKERS = ("trainer_state.json",)
+
+
+def complete_checkpoints(workdir: Path) -> list[Path]:
+    """Checkpoints that finished saving, oldest first. The Trainer writes trainer_state.json after the weights and
+    optimizer, so a checkpoint killed mid-save lacks it (or its weights) and is skipped."""
+    found = []
+    for path in workdir.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if not suffix.isdigit() or not path.is_dir():
+            continue
+        weights = list(path.glob("adapter_model.safetensors")) + list(path.glob("model*.safetensors"))
+        if all((path / m).is_file() for m in CHECKPOINT_MARKERS) and weights and _state_readable(path):
+            found.append((int(suffix), path))
+    return [p for _, p in sorted(found)]
+
+
+def _state_readable(path: Path) -> bool:
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def resume_checkpoint(workdir: Path, resume: bool) -> str | None:
+    if not resume:
+        return None
+    checkpoints = complete_checkpoints(workdir)
+    for broken in set(workdir.glob("checkpoint-*")) - set(checkpoints):
+        shutil.rmtree(broken, ignore_errors=True)  # half-written: the previous checkpoint wins
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+# ---- finishing a run ---------------------------------------------------------------------------------------------
+
+
+def log_series(history: list[dict[str, Any]], *keys: str) -> dict[str, list[tuple[float, float]]]:
+    return {key: [(h["step"], h[key]) for h in history if key in h and "step" in h] for key in keys}
+
+
+def save_adapter(model: Any, tokenizer: Any, path: Path) -> None:
+    """The trained adapter alone (safetensors) plus the tokenizer, loadable with AutoPeftModelForCausalLM."""
+    unwrapped = model
+    while hasattr(unwrapped, "module") and not hasattr(unwrapped, "peft_config"):
+        unwrapped = unwrapped.module
+    if hasattr(unwrapped, "_orig_mod"):
+        unwrapped = unwrapped._orig_mod
+    try:
+        unwrapped.save_pretrained(str(path), selected_adapters=["default"], safe_serialization=True)
+        tokenizer.save_pretrained(str(path))
+    except OSError as exc:
+        raise AlignError(f"cannot save the adapter to {path}: {exc.strerror or exc}") from None
+
+
+def write_model_card(path: Path, stage: str, recipe: TrainRecipe, resolved: ResolvedModel, metrics: dict[str, Any]) -> None:
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {resolved.base if resolved.kind in ('hub',) else resolved.spec}",
+        f"tags: [alignmerge, {stage}, lora, trl]",
+        "---",
+        "",
+        f"# {stage.upper()} LoRA adapter",
+        "",
+        f"Trained with alignmerge `align {stage}` on `{recipe.data.path}` from `{resolved.spec}`.",
+        "",
+        "```python",
+        "from peft import AutoPeftModelForCausalLM",
+        "from transformers import AutoTokenizer",
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{path.name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{path.name}")',
+        "```",
+        "",
+        f"LoRA: r={recipe.lora.r}, alpha={recipe.lora.lora_alpha}, dropout={recipe.lora.dropout}, "
+        f"targets={recipe.lora.target_modules}.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *[f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()],
+        "",
+        "`run.json` beside this file holds the resolved recipe, versions, data fingerprint and per-step logs.",
+    ]
+    (path / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def run_record(
+    stage: str,
+    recipe: TrainRecipe,
+    resolved: ResolvedModel,
+    plan: MachinePlan,
+    trainer_args: dict[str, Any],
+    data: dict[str, Any],
+    history: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    timings: dict[str, float],
+    model: Any,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """run.json: everything needed to know what was run, on what, and how it went."""
+    return {
+        "stage": stage,
+        "recipe": recipe_dict(recipe),
+        "model": resolved.describe(),
+        "machine_plan": plan.describe(),
+        "trainer_args": {k: v for k, v in trainer_args.items() if k != "output_dir"},
+        "data": data,
+        "parameters": model_summary(model),
+        "log_history": history,
+        "metrics": metrics,
+        "timings_s": timings,
+        "memory": peak_memory(),
+        "versions": package_versions(),
+        "machine": machine_info(),
+        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+        **(extra or {}),
+    }
+
+
+def finish_training(
+    handle: OutputDir,
+    stage: str,
+    trainer: Any,
+    tokenizer: Any,
+    recipe: TrainRecipe,
+    resolved: ResolvedModel,
+    record: dict[str, Any],
+    plots: dict[str, dict[str, list[tuple[float, float]]]],
+) -> Path:
+    """Save adapter, tokenizer, plots and model card, then run.json last, and move the dir into place."""
+    save_adapter(trainer.model, tokenizer, handle.path)
+    for name, series in plots.items():
+        plot_series(handle.path / name, series, f"{stage}: {name.removesuffix('.png')}")
+    write_model_card(handle.path, stage, recipe, resolved, record["metrics"])
+    return handle.commit("run.json", record)
+
+
+def final_metrics(history: list[dict[str, Any]], train_output: Any) -> dict[str, Any]:
+    metrics: dict[str, Any] = dict(train_output.metrics) if train_output is not None else {}
+    losses = [h["loss"] for h in history if "loss" in h]
+    if losses:
+        metrics["first_loss"] = losses[0]
+        metrics["last_loss"] = losses[-1]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if evals:
+        metrics["eval_loss"] = evals[-1]
+    return metrics

@@ -1,0 +1,143 @@
+"""`merge`: thin click commands over `merge.run` (tests and the pipeline call the same functions)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from align.clitools import comma_floats, debug_option, handle_errors
+from merge.methods import MergeParams
+from merge.run import MergeRequest, run_config_file, run_merge_request
+
+
+def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every shortcut shares."""
+    for option in reversed([
+        click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+                     help="Output dir (a model dir, or an adapter dir for adapter-space merges)."),
+        click.option("--overwrite", is_flag=True, help="Replace a non-empty output dir."),
+        click.option("--tokenizer-source", default=None,
+                     help="Reconcile different vocabularies: base, union, or one of the input models."),
+        click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+                     help="Compute and store dtype (default: the inputs' own)."),
+        click.option("--materialize", "mode", flag_value="materialize",
+                     help="Merge each adapter into its base first, then merge full models (exact)."),
+        click.option("--as-adapter", "mode", flag_value="adapter",
+                     help="Merge adapters in adapter space and write an adapter (default for linear over adapters)."),
+        click.option("--rank", type=int, default=None,
+                     help="Adapter-space output rank (default: the sum of the input ranks)."),
+        debug_option,
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def weights_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--weights", default=None, help="Comma-separated, one per model, e.g. 0.7,0.3.")(fn)
+
+
+def _request(method: str, models: tuple[str, ...], out: Path, mode: str | None, params: MergeParams,
+             **common: Any) -> MergeRequest:
+    common.pop("debug", None)
+    return MergeRequest(method=method, models=list(models), out=out, mode=mode or "auto", params=params, **common)
+
+
+def _done(path: Path) -> None:
+    click.echo(f"merged into {path}")
+
+
+@click.group()
+def main() -> None:
+    """Merge models or LoRA adapters: linear, SLERP, layer stacking, task arithmetic, TIES, DARE (via mergekit)."""
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@weights_option
+@click.option("--normalize", is_flag=True, help="Divide by the sum of the weights.")
+@output_options
+@handle_errors
+def linear(models: tuple[str, ...], weights: str | None, normalize: bool, out: Path, mode: str | None,
+           **common: Any) -> None:
+    """Weighted sum Σ wᵢ·θᵢ of MODELS (default weights: equal, summing to 1)."""
+    params = MergeParams(weights=comma_floats(weights, "--weights"), normalize=normalize)
+    _done(run_merge_request(_request("linear", models, out, mode, params, **common)))
+
+
+@main.command()
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("-t", "t", default="0.5", show_default=True,
+              help="Interpolation factor (0 = A, 1 = B); a list such as 0,0.5,1 is a gradient across layers.")
+@click.option("--t-attn", default=None, help="t for attention modules (overrides -t there).")
+@click.option("--t-mlp", default=None, help="t for MLP modules (overrides -t there).")
+@output_options
+@handle_errors
+def slerp(model_a: str, model_b: str, t: str, t_attn: str | None, t_mlp: str | None, out: Path, mode: str | None,
+          **common: Any) -> None:
+    """Spherical interpolation between MODEL_A and MODEL_B, per tensor."""
+    params = MergeParams(t=comma_floats(t, "-t"), t_attn=comma_floats(t_attn, "--t-attn"),
+                         t_mlp=comma_floats(t_mlp, "--t-mlp"))
+    _done(run_merge_request(_request("slerp", (model_a, model_b), out, mode, params, **common)))
+
+
+@main.command()
+@click.option("--slice", "slices", multiple=True, required=True,
+              help="MODEL:START-END, layers START..END-1 of MODEL; repeat in output order.")
+@output_options
+@handle_errors
+def stack(slices: tuple[str, ...], out: Path, mode: str | None, **common: Any) -> None:
+    """Layer stacking (passthrough): frankenmerges and depth up-scaling, e.g. --slice A:0-24 --slice A:8-32."""
+    request = _request("stack", (), out, mode, MergeParams(), **common)
+    request.slices = list(slices)
+    _done(run_merge_request(request))
+
+
+def _task_vector_command(method: str, doc: str, sparse: bool) -> None:
+    @click.argument("models", nargs=-1, required=True)
+    @click.option("--base", default=None, help="The model the others were fine-tuned from (default: the adapters' base).")
+    @weights_option
+    @click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of the weights.")
+    @output_options
+    @handle_errors
+    def command(models: tuple[str, ...], base: str | None, weights: str | None, normalize: bool | None, out: Path,
+                mode: str | None, density: str | None = None, seed: int | None = None, consensus: bool = False,
+                **common: Any) -> None:
+        params = MergeParams(weights=comma_floats(weights, "--weights"), normalize=normalize,
+                             density=comma_floats(density, "--density"), seed=seed, consensus=consensus)
+        _done(run_merge_request(_request(method, models, out, mode, params, base=base, **common)))
+
+    command.__doc__ = doc
+    if sparse:
+        command = click.option("--density", default=None,
+                               help="Share of each task vector kept, one value or one per model (default 0.5).")(command)
+        command = click.option("--seed", type=int, default=None, help="Random seed (DARE drops at random).")(command)
+    if method == "dare":
+        command = click.option("--consensus", is_flag=True, help="Elect signs as TIES does (mergekit's dare_ties).")(command)
+    main.command(name=method)(command)
+
+
+_task_vector_command("task-arithmetic", "θ_base + Σ wᵢ·(θᵢ − θ_base) (default weights 1).", sparse=False)
+_task_vector_command("ties", "TIES: keep the largest deltas (--density), elect a sign per parameter, average those "
+                             "that agree.", sparse=True)
+_task_vector_command("dare", "DARE: drop deltas at random (keep --density), rescale the rest, sum (default weights 1).",
+                     sparse=True)
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output model dir.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output dir.")
+@click.option("--seed", type=int, default=None, help="Random seed for randomized methods.")
+@debug_option
+@handle_errors
+def config(file: Path, out: Path, overwrite: bool, seed: int | None, debug: bool) -> None:
+    """Run any mergekit configuration FILE (for everything the shortcuts don't cover)."""
+    _done(run_config_file(file, out, overwrite=overwrite, seed=seed))
+
+
+if __name__ == "__main__":
+    main()

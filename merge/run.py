@@ -1,0 +1,405 @@
+"""Running a merge: check inputs, build the mergekit configuration (or do adapter math), write OUT atomically.
+
+Data flow: resolve inputs → check them → (materialize adapters) → mergekit `run_merge` → fix the generation
+config → merge.json last. Adapter space skips mergekit: read factors → merge → write an adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from align.artifacts import Timer, check_output_dir, machine_info, output_dir, package_versions, peak_memory
+from align.errors import AlignError, did_you_mean
+from merge import adapters as lora
+from merge import inputs as checks
+from merge.inputs import MergeInput
+from merge.methods import METHODS, MergeParams, build_config, merge_adapters
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["auto", "materialize", "adapter"]
+TOKENIZER_KEYWORDS = ("base", "union")
+
+
+@dataclass
+class MergeRequest:
+    """One shortcut merge, as the CLI (or a test, or the pipeline) asks for it."""
+
+    method: str
+    models: list[str]
+    out: Path
+    base: str | None = None
+    slices: list[str] = field(default_factory=list)
+    """`--slice MODEL:START-END` for `stack`; `models` is then unused."""
+    params: MergeParams = field(default_factory=MergeParams)
+    mode: Mode = "auto"
+    rank: int | None = None
+    tokenizer_source: str | None = None
+    dtype: str | None = None
+    overwrite: bool = False
+
+
+def run_merge_request(request: MergeRequest) -> Path:
+    """Check everything, then merge into `request.out`; returns the output dir."""
+    if request.method not in METHODS:
+        raise AlignError(f"unknown merge method '{request.method}'{did_you_mean(request.method, list(METHODS))}")
+    check_output_dir(request.out, request.overwrite)
+    timer = Timer()
+    with timer.phase("checks"):
+        slices = [checks.parse_slice(s) for s in request.slices]
+        specs = [s.spec for s in slices] if request.method == "stack" else request.models
+        specs = list(dict.fromkeys(specs)) if request.method == "stack" else specs
+        items = checks.resolve_inputs(specs)
+        base = checks.resolve_inputs([request.base])[0] if request.base else None
+        check_params(request, len(items))
+    if use_adapter_space(request, items):
+        return _merge_in_adapter_space(request, items, base, timer)
+    return _merge_models(request, items, base, slices, timer)
+
+
+def check_params(request: MergeRequest, count: int) -> None:
+    params, method = request.params, request.method
+    if method == "stack":
+        if not request.slices:
+            raise AlignError("stack needs at least one --slice MODEL:START-END")
+        return
+    minimum = 1 if METHODS[method].needs_base else 2
+    if method == "slerp" and count != 2:
+        raise AlignError(f"slerp merges exactly 2 models; {count} given")
+    if count < minimum:
+        raise AlignError(f"{method} needs at least {minimum} models; {count} given")
+    checks.check_count("--weights", params.weights, count, "models")
+    if params.density is not None and len(params.density) not in (1, count):
+        raise AlignError(f"--density: {len(params.density)} values given for {count} models (give 1 or {count})")
+    checks.check_density(params.density)
+    for name, values in (("-t", params.t), ("--t-attn", params.t_attn), ("--t-mlp", params.t_mlp)):
+        checks.check_unit_interval(name, values)
+    if request.rank is not None and request.rank < 1:
+        raise AlignError(f"--rank {request.rank}: must be at least 1")
+
+
+def use_adapter_space(request: MergeRequest, items: list[MergeInput]) -> bool:
+    """Adapter space when asked (--as-adapter), and by default for linear over adapters on one base."""
+    if request.mode == "adapter":
+        if METHODS[request.method].adapter_math is None:
+            raise AlignError(f"{request.method} has no adapter-space form (layer stacking builds a new model)")
+        return True
+    if request.mode == "materialize" or request.method != "linear":
+        return False
+    return all(i.is_adapter for i in items) and len({i.resolved.base for i in items}) == 1
+
+
+# ---- full models through mergekit -------------------------------------------------------------------------------
+
+
+def _merge_models(request: MergeRequest, items: list[MergeInput], base: MergeInput | None,
+                  slices: list[checks.LayerSlice], timer: Timer) -> Path:
+    if METHODS[request.method].needs_base and base is None:
+        base = _implied_base(request, items)
+    everyone = ([base] if base else []) + items
+    with timer.phase("checks"):
+        _check_models(request, everyone, items, slices)
+        tokenizer_source = _tokenizer_source(request.tokenizer_source, items)
+    with output_dir(request.out, overwrite=request.overwrite) as handle, \
+            tempfile.TemporaryDirectory(prefix=".materialized-", dir=handle.path.parent) as scratch:
+        with timer.phase("materialize"):
+            local = {item.spec: _local_dir(item, Path(scratch)) for item in everyone}
+        shown = {item.spec: _mergekit_reference(item) for item in everyone}
+        run_config = _config(request, items, base, slices, local, tokenizer_source)
+        shown_config = _config(request, items, base, slices, shown, tokenizer_source)
+        if any(i.is_adapter for i in everyone) and request.dtype is None:
+            run_config["dtype"] = "float32"  # materialized adapters are fp32; merge exactly, round once on output
+            run_config["out_dtype"] = _stored_dtype(everyone[0].base_dir)
+        with timer.phase("mergekit"):
+            run_mergekit(run_config, handle.path, seed=request.params.seed)
+        write_mergekit_yaml(handle.path, shown_config, request)
+        eos = fix_generation_config(handle.path)
+        record = _record(request, everyone, timer, output_kind="model", extra={
+            "mode": "materialize" if any(i.is_adapter for i in everyone) else "models",
+            "mergekit_method": run_config["merge_method"], "eos_token_id": eos})
+        handle.commit("merge.json", record)
+    return request.out
+
+
+def _implied_base(request: MergeRequest, items: list[MergeInput]) -> MergeInput:
+    bases = {i.resolved.base for i in items if i.is_adapter}
+    if len(bases) == 1 and all(i.is_adapter for i in items):
+        return checks.resolve_inputs([next(iter(bases))])[0]
+    raise AlignError(f"{request.method} needs --base BASE (the model the others were fine-tuned from)")
+
+
+def _check_models(request: MergeRequest, everyone: list[MergeInput], items: list[MergeInput],
+                  slices: list[checks.LayerSlice]) -> None:
+    checks.check_architectures(everyone)
+    stack = request.method == "stack"
+    checks.check_shapes(everyone, skip_vocab_axis=request.tokenizer_source is not None, by_layer_kind=stack)
+    checks.check_vocabularies(everyone, request.tokenizer_source)
+    by_spec = {item.spec: item for item in items}
+    for layer_slice in slices:
+        checks.check_slice(layer_slice, by_spec[layer_slice.spec])
+
+
+def _tokenizer_source(value: str | None, items: list[MergeInput]) -> str | None:
+    """`base`, `union`, or an input model (by its spec) as mergekit's tokenizer_source."""
+    if value is None or value in TOKENIZER_KEYWORDS:
+        return value
+    for item in items:
+        if item.spec == value:
+            return value
+    raise AlignError(f"--tokenizer-source {value!r}: give base, union or one of the inputs ({', '.join(i.spec for i in items)})")
+
+
+def _local_dir(item: MergeInput, scratch: Path) -> str:
+    if not item.is_adapter:
+        return str(item.base_dir)
+    target = scratch / f"{len(list(scratch.iterdir()))}-{item.resolved.adapter.name}"
+    materialize_adapter(item, target)
+    return str(target)
+
+
+def _mergekit_reference(item: MergeInput) -> str:
+    """How mergekit-yaml itself names the input: `base+adapter` for an adapter (it merges LoRAs on load)."""
+    return f"{item.base_dir}+{item.resolved.adapter}" if item.is_adapter else str(item.base_dir)
+
+
+def _config(request: MergeRequest, items: list[MergeInput], base: MergeInput | None, slices: list[checks.LayerSlice],
+            paths: dict[str, str], tokenizer_source: str | None) -> dict[str, Any]:
+    params = request.params
+    if request.method == "stack":
+        params = MergeParams(**{**params.__dict__, "slices": [(paths[s.spec], s.start, s.end) for s in slices]})
+    config = build_config(request.method, [paths[i.spec] for i in items], paths[base.spec] if base else None, params)
+    if request.dtype:
+        config["dtype"] = request.dtype
+    if tokenizer_source:
+        config["tokenizer_source"] = paths.get(tokenizer_source, tokenizer_source)
+        config["chat_template"] = "auto"
+    return config
+
+
+def _stored_dtype(model_dir: Path) -> str:
+    config = checks.read_config(model_dir)
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def materialize_adapter(item: MergeInput, target: Path) -> None:
+    """Merge a LoRA into its fp32 base (PEFT's merge_and_unload) and save model + the adapter's tokenizer.
+
+    We do this rather than use mergekit's `base+adapter` references because mergekit merges in the base's stored
+    dtype (bf16 rounding before the merge proper) and saves no tokenizer, so an adapter whose training added
+    tokens or a chat template would lose them. fp32 here, then one rounding when mergekit writes the output.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = item.resolved.adapter
+    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else item.base_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(item.base_dir), dtype=torch.float32)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    for extra in ("generation_config.json",):
+        if (item.base_dir / extra).is_file() and not (target / extra).is_file():
+            shutil.copy(item.base_dir / extra, target / extra)
+
+
+def run_mergekit(config: dict[str, Any], out: Path, seed: int | None = None) -> None:
+    """Validate with mergekit's own model and run its lazy, tensor-by-tensor merge into `out`."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    merge_config = validate_mergekit_config(config, "the merge configuration")
+    options = MergeOptions(copy_tokenizer=True, quiet=True, random_seed=seed, write_model_card=True,
+                           lora_merge_cache=str(out / ".lora-cache"), lora_merge_dtype="float32")
+    assert isinstance(merge_config, MergeConfiguration)
+    run_merge(merge_config, str(out), options)
+    shutil.rmtree(out / ".lora-cache", ignore_errors=True)
+
+
+def validate_mergekit_config(config: Any, where: str) -> Any:
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    try:
+        return MergeConfiguration.model_validate(config)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(str(p) for p in first["loc"]) or "top level"
+        raise AlignError(f"{where}: {location}: {first['msg']}") from None
+    except (RuntimeError, ValueError) as exc:
+        raise AlignError(f"{where}: {str(exc).splitlines()[0]}") from None
+
+
+def write_mergekit_yaml(out: Path, config: dict[str, Any], request: MergeRequest | None) -> None:
+    """The configuration beside the weights, runnable as is with `merge config` or `mergekit-yaml`."""
+    header = "# reproduce with: merge config mergekit_config.yml -o OUT\n"
+    if request is not None:
+        header = f"# written by `merge {request.method}`; " + header[2:]
+    (out / "mergekit_config.yml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+
+
+# ---- generation config ------------------------------------------------------------------------------------------
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token the chat template closes an assistant turn with (`<|im_end|>` for ChatML), else EOS.
+
+    Generation must stop there: a merged model whose generation_config only knows the base's `<|endoftext|>`
+    runs on past the end of its answer.
+    """
+    if tokenizer.chat_template:
+        marker = "MERGE-END-OF-TURN-PROBE"
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # templates may reject this shape (e.g. require a system turn); fall back to EOS
+            text = ""
+        if marker in text:
+            tail = tokenizer.encode(text.split(marker, 1)[1], add_special_tokens=False)
+            special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+            for token in tail:
+                if token in special:
+                    return int(token)
+    return tokenizer.eos_token_id
+
+
+def fix_generation_config(model_dir: Path) -> int | list[int] | None:
+    """Make generation stop at the end of an assistant turn (and at EOS); returns the eos_token_id written."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        generation = GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:
+        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(model_dir)))
+    stops = [i for i in (end_of_turn_id(tokenizer), tokenizer.eos_token_id) if i is not None]
+    stops = list(dict.fromkeys(stops))
+    generation.eos_token_id = stops[0] if len(stops) == 1 else stops or None
+    if tokenizer.pad_token_id is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(str(model_dir))
+    return generation.eos_token_id
+
+
+# ---- adapters in adapter space ----------------------------------------------------------------------------------
+
+
+def _merge_in_adapter_space(request: MergeRequest, items: list[MergeInput], base: MergeInput | None,
+                            timer: Timer) -> Path:
+    base_dir = checks.check_same_base(items)
+    if base is not None and (base.is_adapter or base.base_dir.resolve() != base_dir.resolve()):
+        raise AlignError(f"--base {base.spec} is not the adapters' base ({base_dir}); adapter-space merges are "
+                         "relative to the adapters' own base")
+    with timer.phase("read"):
+        adapters = [lora.read_adapter(i.resolved.adapter) for i in items]
+        lora.check_module_shapes(adapters)
+    with output_dir(request.out, overwrite=request.overwrite) as handle:
+        with timer.phase("merge"):
+            result = merge_adapters(request.method, adapters, request.params, checks.num_layers(base_dir),
+                                    request.rank)
+        with timer.phase("write"):
+            lora.write_adapter(handle.path, adapters[0].config, result.modules, result.rank)
+            _copy_tokenizer(items[0], handle.path)
+        errors = result.reconstruction_error
+        record = _record(request, items, timer, output_kind="adapter", extra={
+            "mode": "adapter-space", "rank": result.rank,
+            "rank_rule": "sum of input ranks" if request.rank is None else "--rank",
+            "input_ranks": [a.rank for a in adapters],
+            "exact": not errors,
+            "reconstruction_error": {"max": max(errors.values(), default=0.0), "per_module": errors},
+        })
+        handle.commit("merge.json", record)
+    return request.out
+
+
+def _copy_tokenizer(item: MergeInput, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    adapter = item.resolved.adapter
+    source = adapter if adapter and (adapter / "tokenizer_config.json").is_file() else item.base_dir
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out))
+
+
+# ---- merge config FILE ------------------------------------------------------------------------------------------
+
+
+def run_config_file(path: Path, out: Path, overwrite: bool = False, seed: int | None = None) -> Path:
+    """`merge config FILE.yaml`: any mergekit configuration, validated by mergekit, run by mergekit."""
+    check_output_dir(out, overwrite)
+    if not path.is_file():
+        raise AlignError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise AlignError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(raw, dict):
+        raise AlignError(f"{path}: expected a mergekit configuration (a mapping with merge_method)")
+    merge_config = validate_mergekit_config(raw, str(path))
+    _check_config_models(merge_config, path)
+    timer = Timer()
+    with output_dir(out, overwrite=overwrite) as handle:
+        with timer.phase("mergekit"):
+            try:
+                run_mergekit(raw, handle.path, seed=seed)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise AlignError(f"{path}: mergekit failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        write_mergekit_yaml(handle.path, raw, None)
+        eos = fix_generation_config(handle.path)
+        record = {
+            "command": "config", "method": merge_config.merge_method, "config_file": str(path),
+            "inputs": [{"spec": str(m)} for m in merge_config.referenced_models()],
+            "parameters": raw, "output": {"kind": "model", "path": str(out)}, "eos_token_id": eos,
+            "wall_time_s": timer.total(), "phases": timer.phases, **peak_memory(),
+            "versions": package_versions(), "machine": machine_info(),
+        }
+        handle.commit("merge.json", record)
+    return out
+
+
+def _check_config_models(merge_config: Any, path: Path) -> None:
+    for reference in merge_config.referenced_models():
+        for part in (reference.model, reference.lora):
+            if part is None:
+                continue
+            local = Path(part.path).expanduser()
+            looks_local = part.path.startswith((".", "/", "~")) or local.exists()
+            if looks_local and not local.is_dir():
+                raise AlignError(f"{path}: model {part.path} not found (no such directory)")
+
+
+# ---- the record -------------------------------------------------------------------------------------------------
+
+
+def _record(request: MergeRequest, inputs: list[MergeInput], timer: Timer, output_kind: str,
+            extra: dict[str, Any]) -> dict[str, Any]:
+    params = {k: v for k, v in request.params.__dict__.items() if v not in (None, [], False)}
+    params.pop("slices", None)
+    if request.slices:
+        params["slices"] = request.slices
+    return {
+        "command": request.method,
+        "method": request.method,
+        "inputs": [{**i.describe(), "role": "base" if request.base and i.spec == request.base else "input"}
+                   for i in inputs],
+        "parameters": {**params, "rank": request.rank, "tokenizer_source": request.tokenizer_source,
+                       "dtype": request.dtype},
+        "output": {"kind": output_kind, "path": str(request.out)},
+        **extra,
+        "wall_time_s": timer.total(),
+        "phases": timer.phases,
+        **peak_memory(),
+        "versions": package_versions(),
+        "machine": machine_info(),
+    }
