@@ -156,6 +156,55 @@ def sft(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
     click.echo(f"adapter written to {out}")
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@model_options
+@training_options
+@_opt("--adapter", "-a", default_shown="none (fresh LoRA)", help="SFT adapter dir: the policy starts as a copy of it.")
+@_opt("--ref", default_shown="adapter with --adapter, else base", metavar="adapter|base|precompute|model:PATH",
+      help="Reference: the frozen SFT adapter, the base (adapters off), log-probs precomputed once, or a separate model.")
+@_opt("--beta", type=float, default_shown="0.1", help="DPO beta: lower lets the policy drift further from the reference.")
+@_opt("--loss-type", default_shown="sigmoid", help="TRL loss type(s), comma-separated: sigmoid, ipo, hinge, robust, ...")
+@_opt("--label-smoothing", type=float, default_shown="0", help="Label smoothing (robust DPO: flip probability).")
+@_opt("--max-prompt-length", type=int, default_shown="none", help="Keep the last N prompt tokens.")
+@_opt("--max-completion-length", type=int, default_shown="none", help="Keep the first N tokens of each completion.")
+@_opt("--pairs", type=click.Choice(["best_worst", "all"]), default_shown="best_worst",
+      help="Scored completions: best vs worst, or every pair above --score-margin.")
+@_opt("--score-margin", type=float, default_shown="0", help="Scored completions: least score difference for a pair.")
+@handle_errors
+def dpo(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, **kw: Any) -> None:
+    """Preference alignment (DPO) of a LoRA adapter, with the SFT adapter as its own reference.
+
+    RECIPE is an optional YAML with model/data/lora/train sections plus adapter, ref, max_prompt_length and
+    max_completion_length; `train` takes any DPOConfig field.
+    """
+    from trl import DPOConfig
+
+    from align.config import DPORecipe, build_recipe
+
+    flags = training_flags(kw)
+    loss_type = kw.get("loss_type")
+    flags.update({
+        "adapter": kw.get("adapter"),
+        "ref": kw.get("ref"),
+        "max_prompt_length": kw.get("max_prompt_length"),
+        "max_completion_length": kw.get("max_completion_length"),
+        "data.pairs": kw.get("pairs"),
+        "data.score_margin": kw.get("score_margin"),
+        "train.beta": kw.get("beta"),
+        "train.loss_type": loss_type.split(",") if loss_type else None,
+        "train.label_smoothing": kw.get("label_smoothing"),
+    })
+    built = build_recipe(DPORecipe, recipe, flags, sets, trl_config=DPOConfig)
+    if dry_run:
+        click.echo(dry_run_plan(built, "dpo", built.ref))
+        return
+    from align.dpo import run_dpo
+
+    out = run_dpo(built)
+    click.echo(f"adapter written to {out}")
+
+
 def dry_run_plan(recipe: Any, stage: str, ref: str | None = None) -> str:
     from align.estimate import format_plan, plan_from_recipe
 

@@ -25,7 +25,8 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch", "huggingface_hub", "mergekit"):
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch", "huggingface_hub", "mergekit",
+                 "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

@@ -100,7 +100,7 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
         with timer.phase("load_model"):
             options = LoadOptions(recipe.model.dtype, recipe.model.attn, recipe.model.quantize)
             model = load_model(resolved, options, tokenizer, adapter="trainable")
-            model = attach_lora(model, resolved, recipe.lora, plan.gradient_checkpointing)
+            model = attach_lora(model, resolved, recipe.lora, plan.gradient_checkpointing, int(args["seed"]))
         trainer = quiet_trainer(SFTTrainer(
             model=model,
             args=config,
