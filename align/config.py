@@ -7,6 +7,7 @@ A recipe has sections `model`, `data`, `lora`, `train`. `train` passes straight 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,7 +91,70 @@ class SFTRecipe(TrainRecipe):
     pass
 
 
+class PreferenceDataSpec(DataSpec):
+    path: str = "builtin:pig-latin-prefs"
+    pairs: Literal["best_worst", "all"] = "best_worst"
+    """Scored completions: best vs worst, or every pair whose scores differ by more than `score_margin`."""
+    score_margin: float = Field(default=0.0, ge=0.0)
+
+
+class DPORecipe(TrainRecipe):
+    """`align dpo`. beta, loss_type, label_smoothing and every other DPOConfig field go through `train`."""
+
+    data: PreferenceDataSpec = PreferenceDataSpec()
+    adapter: str | None = None
+    """The SFT adapter dir: the policy starts as a copy of it, and (with ref=adapter) it is the reference."""
+    ref: str | None = None
+    """adapter | base | precompute | model:PATH. Default: adapter when `adapter` is set, else base."""
+    max_prompt_length: int | None = Field(default=None, gt=0)
+    """Keep the last N prompt tokens (the ones nearest the answer). TRL 1.16's DPOConfig has only max_length."""
+    max_completion_length: int | None = Field(default=None, gt=0)
+    """Keep the first N tokens of each completion."""
+
+    @field_validator("ref")
+    @classmethod
+    def _known_reference(cls, value: str | None) -> str | None:
+        if value is None or value in ("adapter", "base", "precompute"):
+            return value
+        if value.startswith("model:") and value.removeprefix("model:").strip():
+            return value
+        raise ValueError("expected adapter, base, precompute or model:PATH")
+
+    @property
+    def reference_mode(self) -> str:
+        """`ref` with its default filled in; `model:PATH` reads as `model`."""
+        ref = self.ref or ("adapter" if self.adapter else "base")
+        return "model" if ref.startswith("model:") else ref
+
+    @property
+    def reference_model(self) -> str | None:
+        return self.ref.removeprefix("model:") if self.ref and self.ref.startswith("model:") else None
+
+
 # ---- loading and overriding --------------------------------------------------------------------------------------
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; every recipe writes learning rates that way,
+    so floats are resolved as YAML 1.2 does."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -98,7 +162,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise AlignError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -132,7 +196,7 @@ def parse_set(items: tuple[str, ...] | list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise AlignError(f"--set {item!r}: expected section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         parsed.append((key.strip(), value))

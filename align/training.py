@@ -59,17 +59,32 @@ def check_lora_compatibility(recipe: TrainRecipe) -> None:
         raise AlignError("DoRA is not supported on an 8-bit base (use --quantize 4bit or none)")
 
 
-def attach_lora(model: Any, resolved: ResolvedModel, spec: LoraSpec, gradient_checkpointing: bool) -> Any:
+def attach_lora(model: Any, resolved: ResolvedModel, spec: LoraSpec, gradient_checkpointing: bool,
+                seed: int = 0) -> Any:
     """A fresh LoRA adapter, or keep training the adapter `--model` named. Quantized bases are prepared for k-bit
-    training (fp32 norms, input grads) as PEFT prescribes for QLoRA."""
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    training (fp32 norms, input grads) as PEFT prescribes for QLoRA.
+
+    Seeded here because LoRA's A matrices are drawn when the adapter is created, before the Trainer seeds anything:
+    without it two runs with the same seed differ from step 2 on, and a resumed run cannot match an unbroken one.
+    """
+    from peft import PeftModel, get_peft_model
+    from transformers import set_seed
+
+    set_seed(seed)
+    model = prepare_quantized(model, gradient_checkpointing)
+    if isinstance(model, PeftModel):
+        return model
+    return get_peft_model(model, lora_config(spec))
+
+
+def prepare_quantized(model: Any, gradient_checkpointing: bool) -> Any:
+    """A quantized base made ready for k-bit training (fp32 norms, input grads); other models pass through."""
+    from peft import prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    if isinstance(model, PeftModel):
-        return model
-    return get_peft_model(model, lora_config(spec))
+    return model
 
 
 # ---- choices for the machine ------------------------------------------------------------------------------------
