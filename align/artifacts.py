@@ -49,9 +49,14 @@ class OutputDir:
     final: Path
     path: Path
     committed: bool = False
+    writer: bool = True
+    """False on the non-main processes of a distributed run: they share the path but never write or rename."""
 
     def commit(self, record_name: str, record: dict[str, Any]) -> Path:
         """Write the final record last, then swap the partial dir into place (replacing an old OUT)."""
+        if not self.writer:
+            self.committed = True
+            return self.final
         write_json(self.path / record_name, record)
         if self.final.exists():
             trash = self.final.with_name(self.final.name + ".old")
@@ -66,14 +71,19 @@ class OutputDir:
 
 
 @contextlib.contextmanager
-def output_dir(out: Path, overwrite: bool = False, resume: bool = False, keep_on_error: bool = False) -> Iterator[OutputDir]:
+def output_dir(out: Path, overwrite: bool = False, resume: bool = False, keep_on_error: bool = False,
+               writer: bool = True) -> Iterator[OutputDir]:
     """Create (or, with `resume`, reuse) `OUT.partial` and remove it on failure unless `keep_on_error`.
 
     Training passes `keep_on_error=True` once a checkpoint exists, so a crash keeps what `--resume` needs.
+    `writer=False` (non-main processes) gets the same paths but creates, removes and renames nothing.
     """
     out = Path(out)
     check_output_dir(out, overwrite, resume)
     work = partial_dir(out)
+    if not writer:
+        yield OutputDir(out, work, writer=False)
+        return
     if work.exists() and not resume:
         shutil.rmtree(work)
     try:

@@ -68,6 +68,8 @@ def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--packing/--no-packing", default=None, show_default="off", help="Pack sequences into blocks."),
         _opt("--save-steps", type=int, default_shown="100", help="Checkpoint every N steps."),
         click.option("--resume", is_flag=True, default=False, show_default=True, help="Continue from the last checkpoint."),
+        _opt("--num-processes", type=int, default_shown="1",
+             help="Launch N processes through `accelerate launch` (DDP; gloo on CPU)."),
         click.option("--overwrite", is_flag=True, default=False, show_default=True, help="Replace a non-empty output dir."),
         click.option("--dry-run", is_flag=True, default=False, show_default=True,
                      help="Print the memory plan for this run and exit."),
@@ -139,6 +141,7 @@ def main() -> None:
 @handle_errors
 def sft(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, **kw: Any) -> None:
     """Supervised fine-tuning of a LoRA adapter. RECIPE is an optional YAML with model/data/lora/train sections."""
+    relaunch_if_asked(kw.get("num_processes"))
     from trl import SFTConfig
 
     from align.config import SFTRecipe, build_recipe
@@ -153,7 +156,7 @@ def sft(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
     from align.sft import run_sft
 
     out = run_sft(built)
-    click.echo(f"adapter written to {out}")
+    report_written("adapter", out)
 
 
 @main.command(context_settings=CONTEXT)
@@ -203,6 +206,25 @@ def dpo(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
 
     out = run_dpo(built)
     click.echo(f"adapter written to {out}")
+
+
+def report_written(what: str, out: Any) -> None:
+    """Say where the artifact went, once (not from every process of a distributed run)."""
+    from align.runtime import is_main_process
+
+    if is_main_process():
+        click.echo(f"{what} written to {out}")
+
+
+def relaunch_if_asked(num_processes: int | None) -> None:
+    """`--num-processes N` (N > 1) re-runs this same command under `accelerate launch` and exits with its status."""
+    import os
+    import sys
+
+    if num_processes and num_processes > 1 and os.environ.get("ALIGNMERGE_LAUNCHED") != "1":
+        from align.runtime import relaunch_with_accelerate
+
+        sys.exit(relaunch_with_accelerate(num_processes))
 
 
 def dry_run_plan(recipe: Any, stage: str, ref: str | None = None) -> str:

@@ -16,6 +16,7 @@ from align.config import SFTRecipe
 from align.data import fingerprint_rows, load_sft_data, tokenize_sft_rows
 from align.errors import AlignError
 from align.models import LoadOptions, load_model, load_tokenizer, resolve_model
+from align.runtime import GracefulStop, is_main_process
 from align.training import (
     attach_lora, check_lora_compatibility, estimated_steps, final_metrics, finish_training, log_series, plan_machine,
     progress_callback, quiet_trainer, resume_checkpoint, run_record, trainer_arguments,
@@ -95,8 +96,11 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
         args.update(eval_strategy="steps", eval_steps=args.get("save_steps", 100))
     config = sft_config(args)
 
-    with output_dir(out, recipe.overwrite, recipe.resume, keep_on_error=True) as handle:
-        checkpoint = resume_checkpoint(handle.path, recipe.resume)
+    writer = is_main_process()
+    stop = GracefulStop()
+    with output_dir(out, recipe.overwrite, recipe.resume, keep_on_error=True, writer=writer) as handle, \
+            stop.installed():
+        checkpoint = resume_checkpoint(handle.path, recipe.resume, delete_broken=writer)
         with timer.phase("load_model"):
             options = LoadOptions(recipe.model.dtype, recipe.model.attn, recipe.model.quantize)
             model = load_model(resolved, options, tokenizer, adapter="trainable")
@@ -107,10 +111,11 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
             train_dataset=Dataset.from_list(data.train),
             eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
             processing_class=tokenizer,
-            callbacks=[progress_callback(steps, progress)],
+            callbacks=[progress_callback(steps, progress and writer), stop.callback()],
         ))
         with timer.phase("train"):
             output = trainer.train(resume_from_checkpoint=checkpoint)
+        stop.raise_if_stopped(trainer.state.global_step, str(handle.path))
         history = [h for h in trainer.state.log_history]
         metrics = final_metrics(history, output)
         record = run_record("sft", recipe, resolved, plan, args, data.record, history, metrics,

@@ -147,6 +147,7 @@ def trainer_arguments(recipe: TrainRecipe, plan: MachinePlan, workdir: Path) -> 
         "seed": 0,
         "data_seed": 0,
         "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,  # LoRA leaves no parameter unused; True costs an extra graph walk
         "use_cpu": not torch.cuda.is_available(),
         "include_num_input_tokens_seen": "non_padding",
     }
@@ -229,7 +230,9 @@ def progress_callback(total_steps: int, enabled: bool = True) -> Any:
 # ---- checkpoints and resume -------------------------------------------------------------------------------------
 
 
-CHECKPOINT_MARKERS = ("trainer_state.json",)
+# trainer_state.json is written last by the Trainer; optimizer/scheduler are required too because a kill during
+# checkpoint rotation (rmtree of an old checkpoint) can leave a state file beside missing optimizer files.
+CHECKPOINT_MARKERS = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
 def complete_checkpoints(workdir: Path) -> list[Path]:
@@ -254,12 +257,15 @@ def _state_readable(path: Path) -> bool:
         return False
 
 
-def resume_checkpoint(workdir: Path, resume: bool) -> str | None:
+def resume_checkpoint(workdir: Path, resume: bool, delete_broken: bool = True) -> str | None:
+    """The last complete checkpoint to resume from. Half-written ones are removed (by the writing process only),
+    so the previous checkpoint wins and the Trainer's rotation does not count them."""
     if not resume:
         return None
     checkpoints = complete_checkpoints(workdir)
     for broken in set(workdir.glob("checkpoint-*")) - set(checkpoints):
-        shutil.rmtree(broken, ignore_errors=True)  # half-written: the previous checkpoint wins
+        if delete_broken:
+            shutil.rmtree(broken, ignore_errors=True)
     return str(checkpoints[-1]) if checkpoints else None
 
 
@@ -358,7 +364,10 @@ def finish_training(
     record: dict[str, Any],
     plots: dict[str, dict[str, list[tuple[float, float]]]],
 ) -> Path:
-    """Save adapter, tokenizer, plots and model card, then run.json last, and move the dir into place."""
+    """Save adapter, tokenizer, plots and model card, then run.json last, and move the dir into place.
+    Only the main process writes; the others return the same path."""
+    if not handle.writer:
+        return handle.commit("run.json", record)
     save_adapter(trainer.model, tokenizer, handle.path)
     for name, series in plots.items():
         plot_series(handle.path / name, series, f"{stage}: {name.removesuffix('.png')}")

@@ -174,11 +174,16 @@ def test_resume_after_a_crash_ends_with_the_same_adapter(tiny_model_dir, tmp_pat
 def test_half_written_checkpoint_is_skipped(tmp_path):
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"x")
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt"):
+        (tmp_path / "checkpoint-2" / name).write_bytes(b"x")
     (tmp_path / "checkpoint-4").mkdir()  # killed during save: weights but no trainer state
     (tmp_path / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"x")
+    (tmp_path / "checkpoint-6").mkdir()  # killed while writing the state: unreadable JSON
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt"):
+        (tmp_path / "checkpoint-6" / name).write_bytes(b"x")
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": ')
     assert training.resume_checkpoint(tmp_path, resume=True).endswith("checkpoint-2")
-    assert not (tmp_path / "checkpoint-4").exists()
+    assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "checkpoint-6").exists()
 
 
 def test_qlora_four_bit_sft_runs_on_cpu(tiny_model_dir, tmp_path):
