@@ -13,6 +13,11 @@ from merge.methods import MergeParams
 from merge.run import MergeRequest, run_config_file, run_merge_request
 
 
+shard_size_option = click.option(
+    "--shard-size", default=None,
+    help="Output shard size in bytes, e.g. 500M (default mergekit's 5B); one shard is held in memory until written.")
+
+
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options every shortcut shares."""
     for option in reversed([
@@ -29,6 +34,7 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Merge adapters in adapter space and write an adapter (default for linear over adapters)."),
         click.option("--rank", type=int, default=None,
                      help="Adapter-space output rank (default: the sum of the input ranks)."),
+        shard_size_option,
         debug_option,
     ]):
         fn = option(fn)
@@ -132,11 +138,12 @@ _task_vector_command("dare", "DARE: drop deltas at random (keep --density), resc
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output model dir.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output dir.")
 @click.option("--seed", type=int, default=None, help="Random seed for randomized methods.")
+@shard_size_option
 @debug_option
 @handle_errors
-def config(file: Path, out: Path, overwrite: bool, seed: int | None, debug: bool) -> None:
+def config(file: Path, out: Path, overwrite: bool, seed: int | None, shard_size: str | None, debug: bool) -> None:
     """Run any mergekit configuration FILE (for everything the shortcuts don't cover)."""
-    _done(run_config_file(file, out, overwrite=overwrite, seed=seed))
+    _done(run_config_file(file, out, overwrite=overwrite, seed=seed, shard_size=shard_size))
 
 
 if __name__ == "__main__":

@@ -134,15 +134,12 @@ def merge_adapters(method: str, adapters: list[lora.LoraAdapter], params: MergeP
 
 def layer_t(module: str, setting: Any, num_layers: int) -> float:
     """t for one module as mergekit resolves it: gradients run over layer index / (layers - 1)."""
-    from mergekit.config import evaluate_setting
+    from mergekit.config import ConditionalParameter, evaluate_setting
 
-    match = lora_layer_index(module)
-    position = match / (num_layers - 1) if match is not None and num_layers > 1 else 0.0
-    return float(evaluate_setting(module + ".weight", setting, position, validate=float))
-
-
-def lora_layer_index(module: str) -> int | None:
     from merge.inputs import LAYER_INDEX
 
+    if isinstance(setting, list) and setting and isinstance(setting[0], dict):
+        setting = [ConditionalParameter.model_validate(item) for item in setting]
     found = LAYER_INDEX.search(module + ".")
-    return int(found.group(1)) if found else None
+    position = int(found.group(1)) / (num_layers - 1) if found and num_layers > 1 else 0.0
+    return float(evaluate_setting(module + ".weight", setting, position, validate=float))

@@ -6,7 +6,6 @@ config → merge.json last. Adapter space skips mergekit: read factors → merge
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -17,12 +16,11 @@ import yaml
 
 from align.artifacts import Timer, check_output_dir, machine_info, output_dir, package_versions, peak_memory
 from align.errors import AlignError, did_you_mean
+from align.models import EMBEDDED_ALIAS, dir_fingerprint, resolve_model
 from merge import adapters as lora
 from merge import inputs as checks
 from merge.inputs import MergeInput
 from merge.methods import METHODS, MergeParams, build_config, merge_adapters
-
-log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "materialize", "adapter"]
 TOKENIZER_KEYWORDS = ("base", "union")
@@ -43,6 +41,8 @@ class MergeRequest:
     rank: int | None = None
     tokenizer_source: str | None = None
     dtype: str | None = None
+    shard_size: str | None = None
+    """Output shard size in bytes (`500M`, `2B`); mergekit holds one shard in memory before writing it."""
     overwrite: bool = False
 
 
@@ -51,6 +51,7 @@ def run_merge_request(request: MergeRequest) -> Path:
     if request.method not in METHODS:
         raise AlignError(f"unknown merge method '{request.method}'{did_you_mean(request.method, list(METHODS))}")
     check_output_dir(request.out, request.overwrite)
+    parse_shard_size(request.shard_size)
     timer = Timer()
     with timer.phase("checks"):
         slices = [checks.parse_slice(s) for s in request.slices]
@@ -59,6 +60,8 @@ def run_merge_request(request: MergeRequest) -> Path:
         items = checks.resolve_inputs(specs)
         base = checks.resolve_inputs([request.base])[0] if request.base else None
         check_params(request, len(items))
+        if request.method != "stack":
+            check_distinct(([base] if base else []) + items)
     if use_adapter_space(request, items):
         return _merge_in_adapter_space(request, items, base, timer)
     return _merge_models(request, items, base, slices, timer)
@@ -85,6 +88,15 @@ def check_params(request: MergeRequest, count: int) -> None:
         raise AlignError(f"--rank {request.rank}: must be at least 1")
 
 
+def check_distinct(items: list[MergeInput]) -> None:
+    seen: dict[tuple[str, str | None], str] = {}
+    for item in items:
+        key = (item.resolved.base, str(item.resolved.adapter) if item.resolved.adapter else None)
+        if key in seen:
+            raise AlignError(f"{item.spec} and {seen[key]} are the same model: each input (and --base) must differ")
+        seen[key] = item.spec
+
+
 def use_adapter_space(request: MergeRequest, items: list[MergeInput]) -> bool:
     """Adapter space when asked (--as-adapter), and by default for linear over adapters on one base."""
     if request.mode == "adapter":
@@ -105,8 +117,8 @@ def _merge_models(request: MergeRequest, items: list[MergeInput], base: MergeInp
         base = _implied_base(request, items)
     everyone = ([base] if base else []) + items
     with timer.phase("checks"):
-        _check_models(request, everyone, items, slices)
         tokenizer_source = _tokenizer_source(request.tokenizer_source, items)
+        _check_models(request, everyone, items, slices)
     with output_dir(request.out, overwrite=request.overwrite) as handle, \
             tempfile.TemporaryDirectory(prefix=".materialized-", dir=handle.path.parent) as scratch:
         with timer.phase("materialize"):
@@ -115,17 +127,29 @@ def _merge_models(request: MergeRequest, items: list[MergeInput], base: MergeInp
         run_config = _config(request, items, base, slices, local, tokenizer_source)
         shown_config = _config(request, items, base, slices, shown, tokenizer_source)
         if any(i.is_adapter for i in everyone) and request.dtype is None:
-            run_config["dtype"] = "float32"  # materialized adapters are fp32; merge exactly, round once on output
-            run_config["out_dtype"] = _stored_dtype(everyone[0].base_dir)
+            for config in (run_config, shown_config):  # materialized adapters are fp32: merge exactly, round once
+                config.update(dtype="float32", out_dtype=_stored_dtype(everyone[0].base_dir))
         with timer.phase("mergekit"):
-            run_mergekit(run_config, handle.path, seed=request.params.seed)
+            run_mergekit(run_config, handle.path, seed=request.params.seed, shard_size=request.shard_size)
         write_mergekit_yaml(handle.path, shown_config, request)
+        _name_inputs_in_card(handle.path / "README.md", {local[s]: shown[s] for s in local})
         eos = fix_generation_config(handle.path)
         record = _record(request, everyone, timer, output_kind="model", extra={
             "mode": "materialize" if any(i.is_adapter for i in everyone) else "models",
-            "mergekit_method": run_config["merge_method"], "eos_token_id": eos})
+            "mergekit_method": run_config["merge_method"], "eos_token_id": eos}, base=base)
         handle.commit("merge.json", record)
     return request.out
+
+
+def _name_inputs_in_card(card: Path, names: dict[str, str]) -> None:
+    """mergekit's model card quotes the configuration it ran; show inputs as the user can find them again."""
+    if not card.is_file():
+        return
+    text = card.read_text()
+    for local, shown in names.items():
+        if local != shown:
+            text = text.replace(local, shown)
+    card.write_text(text)
 
 
 def _implied_base(request: MergeRequest, items: list[MergeInput]) -> MergeInput:
@@ -139,8 +163,8 @@ def _check_models(request: MergeRequest, everyone: list[MergeInput], items: list
                   slices: list[checks.LayerSlice]) -> None:
     checks.check_architectures(everyone)
     stack = request.method == "stack"
-    checks.check_shapes(everyone, skip_vocab_axis=request.tokenizer_source is not None, by_layer_kind=stack)
     checks.check_vocabularies(everyone, request.tokenizer_source)
+    checks.check_shapes(everyone, skip_vocab_axis=request.tokenizer_source is not None, by_layer_kind=stack)
     by_spec = {item.spec: item for item in items}
     for layer_slice in slices:
         checks.check_slice(layer_slice, by_spec[layer_slice.spec])
@@ -213,17 +237,45 @@ def materialize_adapter(item: MergeInput, target: Path) -> None:
             shutil.copy(item.base_dir / extra, target / extra)
 
 
-def run_mergekit(config: dict[str, Any], out: Path, seed: int | None = None) -> None:
+def run_mergekit(config: dict[str, Any], out: Path, seed: int | None = None, shard_size: str | None = None) -> None:
     """Validate with mergekit's own model and run its lazy, tensor-by-tensor merge into `out`."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
     merge_config = validate_mergekit_config(config, "the merge configuration")
     options = MergeOptions(copy_tokenizer=True, quiet=True, random_seed=seed, write_model_card=True,
-                           lora_merge_cache=str(out / ".lora-cache"), lora_merge_dtype="float32")
+                           lora_merge_cache=str(out / ".lora-cache"), lora_merge_dtype="float32",
+                           out_shard_size=parse_shard_size(shard_size))
     assert isinstance(merge_config, MergeConfiguration)
-    run_merge(merge_config, str(out), options)
-    shutil.rmtree(out / ".lora-cache", ignore_errors=True)
+    try:
+        run_merge(merge_config, str(out), options)
+    finally:
+        _forget_mergekit_loaders()
+        shutil.rmtree(out / ".lora-cache", ignore_errors=True)
+
+
+def parse_shard_size(value: str | None) -> int:
+    from mergekit.common import parse_kmb
+
+    if value is None:
+        return parse_kmb("5B")  # mergekit's own default
+    try:
+        size = parse_kmb(value.strip())
+    except (ValueError, IndexError):
+        raise AlignError(f"--shard-size {value!r}: expected bytes such as 500M or 2B") from None
+    if size <= 0:
+        raise AlignError(f"--shard-size {value!r}: must be positive")
+    return size
+
+
+def _forget_mergekit_loaders() -> None:
+    """mergekit keeps every input's loader (and its open safetensors file) in a process-wide cache; drop them so a
+    second merge in the same process (tests, the pipeline) neither pins memory nor holds deleted temp files open."""
+    from mergekit.io.tasks import LoaderCache
+
+    cache = LoaderCache()
+    cache.flush_all()
+    cache.loaders.clear()
 
 
 def validate_mergekit_config(config: Any, where: str) -> Any:
@@ -333,9 +385,11 @@ def _copy_tokenizer(item: MergeInput, out: Path) -> None:
 # ---- merge config FILE ------------------------------------------------------------------------------------------
 
 
-def run_config_file(path: Path, out: Path, overwrite: bool = False, seed: int | None = None) -> Path:
+def run_config_file(path: Path, out: Path, overwrite: bool = False, seed: int | None = None,
+                    shard_size: str | None = None) -> Path:
     """`merge config FILE.yaml`: any mergekit configuration, validated by mergekit, run by mergekit."""
     check_output_dir(out, overwrite)
+    parse_shard_size(shard_size)
     if not path.is_file():
         raise AlignError(f"config file not found: {path}")
     try:
@@ -346,26 +400,55 @@ def run_config_file(path: Path, out: Path, overwrite: bool = False, seed: int | 
         raise AlignError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     if not isinstance(raw, dict):
         raise AlignError(f"{path}: expected a mergekit configuration (a mapping with merge_method)")
+    raw = resolve_config_models(raw)
     merge_config = validate_mergekit_config(raw, str(path))
     _check_config_models(merge_config, path)
     timer = Timer()
     with output_dir(out, overwrite=overwrite) as handle:
         with timer.phase("mergekit"):
             try:
-                run_mergekit(raw, handle.path, seed=seed)
+                run_mergekit(raw, handle.path, seed=seed, shard_size=shard_size)
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise AlignError(f"{path}: mergekit failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
         write_mergekit_yaml(handle.path, raw, None)
         eos = fix_generation_config(handle.path)
         record = {
             "command": "config", "method": merge_config.merge_method, "config_file": str(path),
-            "inputs": [{"spec": str(m)} for m in merge_config.referenced_models()],
+            "inputs": [_describe_reference(m) for m in merge_config.referenced_models()],
             "parameters": raw, "output": {"kind": "model", "path": str(out)}, "eos_token_id": eos,
             "wall_time_s": timer.total(), "phases": timer.phases, **peak_memory(),
             "versions": package_versions(), "machine": machine_info(),
         }
         handle.commit("merge.json", record)
     return out
+
+
+MODEL_KEYS = ("model", "base_model", "tokenizer_source")
+
+
+def resolve_config_models(node: Any, key: str | None = None) -> Any:
+    """Let a configuration name models as `merge` does: the embedded alias and .gguf files become their converted
+    safetensors dirs (mergekit reads safetensors or pickles only). Other references pass through unchanged."""
+    if isinstance(node, dict):
+        return {k: resolve_config_models(v, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [resolve_config_models(v, key) for v in node]
+    if key in MODEL_KEYS and isinstance(node, str):
+        model, plus, adapter = node.partition("+")
+        if model == EMBEDDED_ALIAS or model.endswith(".gguf"):
+            return resolve_model(model).base + plus + adapter
+    return node
+
+
+def _describe_reference(reference: Any) -> dict[str, Any]:
+    parts = {"model": reference.model, "adapter": reference.lora}
+    described: dict[str, Any] = {"spec": str(reference)}
+    for role, part in parts.items():
+        if part is not None:
+            local = Path(part.path)
+            described[role] = part.path
+            described[f"{role}_fingerprint"] = dir_fingerprint(local) if local.is_dir() else f"hub:{part.path}"
+    return described
 
 
 def _check_config_models(merge_config: Any, path: Path) -> None:
@@ -383,7 +466,7 @@ def _check_config_models(merge_config: Any, path: Path) -> None:
 
 
 def _record(request: MergeRequest, inputs: list[MergeInput], timer: Timer, output_kind: str,
-            extra: dict[str, Any]) -> dict[str, Any]:
+            extra: dict[str, Any], base: MergeInput | None = None) -> dict[str, Any]:
     params = {k: v for k, v in request.params.__dict__.items() if v not in (None, [], False)}
     params.pop("slices", None)
     if request.slices:
@@ -391,8 +474,7 @@ def _record(request: MergeRequest, inputs: list[MergeInput], timer: Timer, outpu
     return {
         "command": request.method,
         "method": request.method,
-        "inputs": [{**i.describe(), "role": "base" if request.base and i.spec == request.base else "input"}
-                   for i in inputs],
+        "inputs": [{**i.describe(), "role": "base" if i is base else "input"} for i in inputs],
         "parameters": {**params, "rank": request.rank, "tokenizer_source": request.tokenizer_source,
                        "dtype": request.dtype},
         "output": {"kind": output_kind, "path": str(request.out)},

@@ -1,0 +1,202 @@
+"""Merge speed and memory on the embedded model (SmolLM2-135M), as ratios against baselines run by this script.
+
+    .venv/bin/python benchmarks/merge_speed.py [--repeats 3] [--work DIR]
+
+1. `merge slerp` (our checks + mergekit + generation config + merge.json) against calling mergekit's `run_merge`
+   directly with the same configuration and options.            goal: ≤ 1.1× its time
+2. Peak RSS of `merge slerp` relative to one input model's size. goal: ≤ 1.5×
+   (also: growth over the post-import RSS, anonymous memory only, and with `--shard-size 100M`)
+3. Adapter-space `merge linear` of two LoRAs against materialize-then-merge (`--materialize`). goal: ≥ 10× faster
+
+Each measurement runs in a fresh subprocess (so peak RSS is its own), alternating A/B, median of `--repeats`.
+The second model is the first plus small noise; the adapters are PEFT LoRAs with random non-zero B (no training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class AnonymousPeak:
+    """Samples RssAnon every 20 ms: the kernel tracks only the total peak (VmHWM), which also counts the
+    file-backed pages of mmapped inputs (page cache the kernel can drop), not just memory the merge allocated."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = rss_bytes("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_bytes("RssAnon"))
+
+    def __enter__(self) -> AnonymousPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---- setup ------------------------------------------------------------------------------------------------------
+
+
+def prepare(work: Path) -> dict[str, str]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.models import resolve_model
+
+    base = Path(resolve_model("smollm2-135m").base)
+    other = work / "smollm2-noisy"
+    if not (other / "config.json").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * p.std() * 0.05)
+        model.save_pretrained(other)
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(other)
+        shutil.copy(base / "generation_config.json", other / "generation_config.json")
+    adapters = []
+    for name, rank, seed in (("lora-r16", 16, 1), ("lora-r8", 8, 2)):
+        path = work / name
+        adapters.append(str(path))
+        if (path / "adapter_config.json").is_file():
+            continue
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        get_peft_model(model, config).save_pretrained(path)
+    return {"base": str(base), "other": str(other), "lora_a": adapters[0], "lora_b": adapters[1]}
+
+
+# ---- one measurement per subprocess -----------------------------------------------------------------------------
+
+
+def child(task: str, paths: dict[str, str], out: Path) -> dict[str, float]:
+    from merge.methods import MergeParams, build_config
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    from merge.run import MergeRequest, run_merge_request
+
+    shutil.rmtree(out, ignore_errors=True)
+    baseline, anon_baseline = rss_bytes(), rss_bytes("RssAnon")
+    sampler = AnonymousPeak().__enter__()
+    start = time.perf_counter()
+    if task == "slerp-cli":
+        run_merge_request(MergeRequest("slerp", [paths["base"], paths["other"]], out, params=MergeParams(t=[0.5])))
+    elif task == "slerp-cli-100M-shards":
+        run_merge_request(MergeRequest("slerp", [paths["base"], paths["other"]], out, params=MergeParams(t=[0.5]),
+                                       shard_size="100M"))
+    elif task == "slerp-mergekit":  # the same configuration and options, straight into mergekit
+        config = MergeConfiguration.model_validate(
+            build_config("slerp", [paths["base"], paths["other"]], None, MergeParams(t=[0.5])))
+        run_merge(config, str(out), MergeOptions(copy_tokenizer=True, quiet=True, write_model_card=True))
+    elif task == "linear-adapter":
+        run_merge_request(MergeRequest("linear", [paths["lora_a"], paths["lora_b"]], out, mode="adapter"))
+    elif task == "linear-materialize":
+        run_merge_request(MergeRequest("linear", [paths["lora_a"], paths["lora_b"]], out, mode="materialize"))
+    else:
+        raise ValueError(task)
+    seconds = time.perf_counter() - start
+    sampler.__exit__()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    shutil.rmtree(out, ignore_errors=True)
+    return {"seconds": seconds, "peak_rss_bytes": peak, "rss_before_bytes": baseline,
+            "peak_anon_bytes": sampler.peak, "anon_before_bytes": anon_baseline}
+
+
+def measure(task: str, paths: dict[str, str], work: Path) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", task, "--paths", json.dumps(paths), "--work", str(work)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{task} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def median_of(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--child", default=None)
+    parser.add_argument("--paths", default=None)
+    args = parser.parse_args()
+    if args.child:
+        out = args.work / f"out-{args.child}-{os.getpid()}"
+        print(json.dumps(child(args.child, json.loads(args.paths), out)))
+        return
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="merge-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    paths = prepare(work)
+    tasks = ("slerp-cli", "slerp-mergekit", "slerp-cli-100M-shards", "linear-adapter", "linear-materialize")
+    runs: dict[str, list[dict[str, float]]] = {t: [] for t in tasks}
+    for i in range(args.repeats):
+        order = list(runs) if i % 2 == 0 else list(reversed(runs))
+        for task in order:
+            runs[task].append(measure(task, paths, work))
+            print(f"  {task:20s} {runs[task][-1]['seconds']:7.2f} s  peak RSS "
+                  f"{runs[task][-1]['peak_rss_bytes'] / 2**20:7.0f} MiB", file=sys.stderr)
+
+    from align.artifacts import machine_info, package_versions
+
+    model_bytes = sum(f.stat().st_size for f in Path(paths["base"]).glob("*.safetensors"))
+    cli, direct = median_of(runs["slerp-cli"], "seconds"), median_of(runs["slerp-mergekit"], "seconds")
+    peak = median_of(runs["slerp-cli"], "peak_rss_bytes")
+    before = median_of(runs["slerp-cli"], "rss_before_bytes")
+    adapter, materialize = median_of(runs["linear-adapter"], "seconds"), median_of(runs["linear-materialize"], "seconds")
+    report = {
+        "model": "smollm2-135m (fp32 safetensors)", "model_bytes": model_bytes, "repeats": args.repeats,
+        "slerp_cli_s": cli, "slerp_mergekit_s": direct, "slerp_time_ratio": cli / direct,
+        "slerp_peak_rss_bytes": peak, "slerp_peak_rss_over_model": peak / model_bytes,
+        "slerp_rss_growth_over_model": (peak - before) / model_bytes,
+        "slerp_anon_growth_over_model": (median_of(runs["slerp-cli"], "peak_anon_bytes")
+                                         - median_of(runs["slerp-cli"], "anon_before_bytes")) / model_bytes,
+        "mergekit_peak_rss_over_model": median_of(runs["slerp-mergekit"], "peak_rss_bytes") / model_bytes,
+        "slerp_100M_shards_s": median_of(runs["slerp-cli-100M-shards"], "seconds"),
+        "slerp_100M_shards_peak_rss_over_model":
+            median_of(runs["slerp-cli-100M-shards"], "peak_rss_bytes") / model_bytes,
+        "slerp_100M_shards_anon_growth_over_model": (median_of(runs["slerp-cli-100M-shards"], "peak_anon_bytes")
+                                                     - median_of(runs["slerp-cli-100M-shards"], "anon_before_bytes"))
+                                                    / model_bytes,
+        "linear_adapter_space_s": adapter, "linear_materialize_s": materialize,
+        "adapter_space_speedup": materialize / adapter,
+        "machine": machine_info(), "versions": package_versions(),
+        "runs": runs,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
