@@ -266,5 +266,39 @@ def inspect(source: str, model: str, fmt: str | None, split: str | None, limit: 
     click.echo(report["example"])
 
 
+@main.command("run", context_settings=CONTEXT)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", default=None, show_default="runs/<recipe name>", help="Run dir; stages go to RUNDIR/<stage>/.")
+@click.option("--from", "start_from", default=None, show_default="first stage whose inputs changed",
+              help="Force this stage and every stage after it.")
+@click.option("--only", default=None, show_default="all stages", help="Run only this stage (its inputs must be complete).")
+@click.option("--set", "sets", multiple=True, metavar="STAGE.KEY=VALUE",
+              help="Override a stage's value, e.g. --set sft.train.max_steps=10 (or model.name=...).")
+@debug_option
+@handle_errors
+def run(recipe: str, output: str | None, start_from: str | None, only: str | None, sets: tuple[str, ...],
+        debug: bool) -> None:
+    """Run a recipe's stages in order (sft, pairs, dpo, merge, eval), skipping the ones already up to date."""
+    from pathlib import Path
+
+    from align.pipeline import load_pipeline, run_pipeline
+
+    pipeline = load_pipeline(recipe, sets)
+    rundir = Path(output) if output else Path("runs") / Path(recipe).stem
+    out = run_pipeline(pipeline, rundir, start_from, only)
+    click.echo(f"run written to {out} (report: {out / 'report.md'})")
+
+
+def _register_commands() -> None:
+    """The commands that live with their own packages, registered here explicitly (one place, no import magic)."""
+    from align.estimate_cli import estimate_command
+    from eval.cli import eval_command
+
+    main.add_command(eval_command, "eval")
+    main.add_command(estimate_command, "estimate")
+
+
+_register_commands()
+
 if __name__ == "__main__":
     main()

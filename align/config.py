@@ -234,7 +234,9 @@ def validate(cls: type[BaseModel], data: dict[str, Any], where: str) -> Any:
             section = _section_model(cls, error["loc"][:-1])
             hint = did_you_mean(str(error["loc"][-1]), list(section.model_fields)) if section else ""
             raise AlignError(f"{where}: unknown key '{loc}'{hint}") from None
-        raise AlignError(f"{where}: {loc}: {error['msg']} (got {error.get('input')!r})") from None
+        got = repr(error.get("input"))
+        got = f" (got {got})" if len(got) <= 80 else ""
+        raise AlignError(f"{where}: {loc or 'recipe'}: {error['msg']}{got}") from None
 
 
 def _section_model(cls: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:

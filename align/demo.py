@@ -117,13 +117,24 @@ def preference_example(sentence: str) -> dict[str, Any]:
     return {"prompt": PROMPT.format(sentence=sentence), "chosen": right, "rejected": wrong}
 
 
+REVERSE_PROMPT = "Reverse the word order: {sentence}"
+
+
+def reverse_words_example(sentence: str) -> dict[str, Any]:
+    """A second checkable skill, for merging two skills: the same words in reverse order."""
+    return {"messages": [{"role": "user", "content": REVERSE_PROMPT.format(sentence=sentence)},
+                         {"role": "assistant", "content": " ".join(reversed(sentence.split(" ")))}]}
+
+
 def builtin_dataset(name: str, split: str = "train", spec: PigLatinSpec | None = None) -> list[dict[str, Any]]:
-    """Rows of a built-in dataset: `pig-latin` (SFT conversations) or `pig-latin-prefs` (preference pairs).
+    """Rows of a built-in dataset: `pig-latin` (SFT conversations), `pig-latin-prefs` (preference pairs), or
+    `reverse-words` (SFT conversations of a second skill over the same sentences).
 
     Splits: train, seen, unseen.
     """
     spec = spec or PigLatinSpec()
-    builders = {"pig-latin": sft_example, "pig-latin-prefs": preference_example}
+    builders = {"pig-latin": sft_example, "pig-latin-prefs": preference_example,
+                "reverse-words": reverse_words_example}
     if name not in builders:
         from align.errors import did_you_mean
 

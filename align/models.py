@@ -103,20 +103,27 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def dir_fingerprint(path: Path) -> str:
-    """Cheap identity of a model or adapter dir: hash of its small JSON files plus the weight files' names and sizes.
+    """Cheap identity of a model or adapter dir: its small JSON files, plus each weight file's name, size and first
+    and last MiB.
 
-    Hashing gigabytes of weights on every run would cost more than most stages; names and sizes plus configs
-    change whenever the weights are rewritten by any tool we know of.
+    Hashing gigabytes of weights on every run would cost more than most stages; sizes alone collide for models of
+    one architecture (a safetensors header fixes the layout), so the ends of each file are hashed too.
     """
     digest = hashlib.sha256()
     for item in sorted(path.iterdir()):
         if not item.is_file():
             continue
         digest.update(item.name.encode())
-        if item.suffix == ".json" and item.stat().st_size < 4 << 20:
+        size = item.stat().st_size
+        if item.suffix == ".json" and size < 4 << 20:
             digest.update(item.read_bytes())
-        else:
-            digest.update(str(item.stat().st_size).encode())
+            continue
+        digest.update(str(size).encode())
+        if item.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            with open(item, "rb") as f:
+                digest.update(f.read(1 << 20))
+                f.seek(max(0, size - (1 << 20)))
+                digest.update(f.read())
     return digest.hexdigest()[:16]
 
 
@@ -423,3 +430,11 @@ def model_summary(model: Any) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"parameters": total, "trainable_parameters": trainable, "trainable_share": trainable / max(total, 1)}
+
+
+def template_contract(tokenizer: Any, model: Any = None) -> dict[str, Any]:
+    """How a model renders chats and stops: recorded by SFT, checked by DPO, written into merged models."""
+    generation = getattr(model, "generation_config", None)
+    return {"chat_template": tokenizer.chat_template, "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token,
+            "generation_eos_token_id": getattr(generation, "eos_token_id", None)}

@@ -15,7 +15,7 @@ from align.artifacts import check_output_dir, output_dir, partial_dir, Timer
 from align.config import SFTRecipe
 from align.data import fingerprint_rows, load_sft_data, tokenize_sft_rows
 from align.errors import AlignError
-from align.models import LoadOptions, load_model, load_tokenizer, resolve_model
+from align.models import LoadOptions, load_model, load_tokenizer, resolve_model, template_contract
 from align.runtime import GracefulStop, is_main_process
 from align.training import (
     attach_lora, check_lora_compatibility, estimated_steps, final_metrics, finish_training, log_series, plan_machine,
@@ -120,6 +120,6 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
         metrics = final_metrics(history, output)
         record = run_record("sft", recipe, resolved, plan, args, data.record, history, metrics,
                             {**timer.phases, "total": timer.total()}, trainer.model,
-                            extra={"resumed_from": checkpoint})
+                            extra={"resumed_from": checkpoint, "template": template_contract(tokenizer, model)})
         plots = {"loss.png": log_series(history, "loss", "eval_loss")}
         return finish_training(handle, "sft", trainer, tokenizer, recipe, resolved, record, plots)
