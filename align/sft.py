@@ -19,7 +19,7 @@ from align.models import LoadOptions, load_model, load_tokenizer, resolve_model,
 from align.runtime import GracefulStop, is_main_process
 from align.training import (
     attach_lora, check_lora_compatibility, estimated_steps, final_metrics, finish_training, log_series, plan_machine,
-    progress_callback, quiet_trainer, resume_checkpoint, run_record, trainer_arguments,
+    progress_callback, quiet_trainer, resume_checkpoint, run_record, train, trainer_arguments,
 )
 
 
@@ -114,7 +114,7 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
             callbacks=[progress_callback(steps, progress and writer), stop.callback()],
         ))
         with timer.phase("train"):
-            output = trainer.train(resume_from_checkpoint=checkpoint)
+            output = train(trainer, checkpoint, handle.path)
         stop.raise_if_stopped(trainer.state.global_step, str(handle.path))
         history = [h for h in trainer.state.log_history]
         metrics = final_metrics(history, output)

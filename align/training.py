@@ -6,6 +6,7 @@ We wrap TRL's trainers and configure them; we do not subclass them.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -267,6 +268,20 @@ def resume_checkpoint(workdir: Path, resume: bool, delete_broken: bool = True) -
         if delete_broken:
             shutil.rmtree(broken, ignore_errors=True)
     return str(checkpoints[-1]) if checkpoints else None
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def train(trainer: Any, checkpoint: str | None, workdir: Path) -> Any:
+    """`trainer.train`, with a full disk or a denied write (the Trainer saves checkpoints as it goes) turned into
+    one line; the previous output, if any, is untouched because it is only replaced at commit."""
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:
+            raise AlignError(f"cannot write to {workdir}: {exc.strerror}") from None
+        raise
 
 
 # ---- finishing a run ---------------------------------------------------------------------------------------------

@@ -36,3 +36,67 @@ def test_zero3_config_says_how_to_checkpoint_with_peft():
     text = (RECIPES / "accelerate" / "deepspeed_zero3.yaml").read_text()
     assert "use_reentrant=true" in first_comment(RECIPES / "accelerate" / "deepspeed_zero3.yaml")
     assert "zero3_init_flag: false" in text
+
+
+PIPELINES = [RECIPES / f"{name}.yaml" for name in ("pig-latin", "two-skills", "depth-upscale", "zephyr-7b-qlora")]
+TRAINING = {"zephyr-7b-qlora-sft.yaml": "sft", "zephyr-7b-qlora-dpo.yaml": "dpo"}
+SUITES = sorted((RECIPES / "suites").glob("*.yaml"))
+
+
+def test_every_recipe_file_is_covered_here():
+    covered = {p.name for p in PIPELINES} | set(TRAINING)
+    assert {p.name for p in RECIPES.glob("*.yaml")} == covered
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_pipeline_recipes_validate_and_name_their_command(path):
+    from align.pipeline import load_pipeline
+
+    assert first_comment(path).startswith(f"align run recipes/{path.name}")
+    recipe = load_pipeline(path)
+    assert recipe.stages
+
+
+@pytest.mark.parametrize("name, stage", sorted(TRAINING.items()))
+def test_training_recipes_validate_against_trl(name, stage):
+    from trl import DPOConfig, SFTConfig
+
+    from align.config import DPORecipe, SFTRecipe, build_recipe
+
+    path = RECIPES / name
+    assert f"-m align.cli {stage} recipes/{name}" in first_comment(path)
+    cls, config = (SFTRecipe, SFTConfig) if stage == "sft" else (DPORecipe, DPOConfig)
+    recipe = build_recipe(cls, path, {}, trl_config=config)
+    assert recipe.model.quantize == "4bit"
+
+
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.name)
+def test_recipe_suites_load(path):
+    from eval.suites import load_suite
+
+    assert first_comment(path).startswith("align eval --suite recipes/suites/")
+    assert load_suite(path).tasks
+
+
+SHORT = {
+    "pig-latin": ["sft.train.max_steps=2", "sft.data.limit=16", "pairs.limit=4", "pairs.samples=1",
+                  "pairs.max_new_tokens=12", "pairs.temperature=2.0", "dpo.train.max_steps=2", "merged.t=[0.5, 1.0]",
+                  "merged.select.limit=2", "eval.limit=2"],
+    "two-skills": ["pig.train.max_steps=2", "pig.data.limit=16", "reverse.train.max_steps=2", "reverse.data.limit=16",
+                   "eval.limit=2"],
+    "depth-upscale": ["healed.train.max_steps=2", "healed.data.limit=16", "eval.limit=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SHORT))
+def test_small_recipes_run_end_to_end_in_short_form(name, tmp_path):
+    from click.testing import CliRunner
+
+    from align.cli import main
+
+    sets = [arg for value in SHORT[name] for arg in ("--set", value)]
+    result = CliRunner().invoke(main, ["run", str(RECIPES / f"{name}.yaml"), "-o", str(tmp_path / name), *sets])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert (tmp_path / name / "report.md").is_file()
+    assert (tmp_path / name / "eval" / "report.json").is_file()

@@ -1,0 +1,58 @@
+"""Atomic output dirs: failures while saving leave one line and the previous artifacts untouched."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+
+from align.artifacts import is_complete, output_dir
+from align.errors import AlignError
+from align.sft import run_sft
+from test_sft import recipe, toy_data
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_output(tiny_model_dir, tmp_path, monkeypatch):
+    data = toy_data(tmp_path, repeat=1)
+    out = run_sft(recipe(tiny_model_dir, data, tmp_path / "out", max_steps=2), progress=False)
+    before = (out / "run.json").read_text()
+
+    from peft import PeftModel
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", disk_full)
+    again = recipe(tiny_model_dir, data, tmp_path / "out", max_steps=2).model_copy(update={"overwrite": True})
+    again.train["save_steps"] = 1000  # no checkpoint: the failure is in the final save
+    with pytest.raises(AlignError, match="No space left on device") as info:
+        run_sft(again, progress=False)
+    assert "\n" not in str(info.value)
+    assert (out / "run.json").read_text() == before  # previous artifacts untouched
+    assert json.loads(before)["stage"] == "sft"
+
+
+def test_permission_denied_creating_the_output_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(AlignError, match="cannot create output dir .*Permission denied"):
+        with output_dir(tmp_path / "x"):
+            pass
+
+
+def test_a_dir_without_its_record_is_incomplete_and_a_failed_command_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with output_dir(tmp_path / "o") as handle:
+            (handle.path / "weights.bin").write_text("x")
+            raise RuntimeError("killed")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    with output_dir(tmp_path / "o") as handle:
+        (handle.path / "weights.bin").write_text("x")
+        assert not is_complete(handle.path)
+        handle.commit("run.json", {"ok": True})
+    assert is_complete(tmp_path / "o") and not (tmp_path / "o.partial").exists()
