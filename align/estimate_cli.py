@@ -1,0 +1,76 @@
+"""`align estimate`: the memory planner's command. Thin: parse flags into a TrainSetup, plan, print."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from align.clitools import debug_option, handle_errors
+from align.errors import AlignError
+from align.estimate import Plan, TrainSetup, format_plan, load_shape, parse_size, plan_json, plan_with_budget
+
+
+def estimate(model: str, budget: str | None = None, dtype: str = "auto", device: str = "auto", **settings: Any) -> Plan:
+    """Plan `model` with the given settings (TrainSetup field names); what the command and tests call."""
+    from align.models import pick_precision
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto" and device == "cuda":
+        dtype = "bfloat16"  # planning for a GPU from a machine without one: what `auto` picks on any recent GPU
+    precision = pick_precision(dtype, device)
+    setup = TrainSetup(device=device, weights_dtype=str(precision.weights).removeprefix("torch."),  # type: ignore[arg-type]
+                       autocast=precision.bf16_autocast, **settings)
+    return plan_with_budget(load_shape(model), setup, model, parse_size(budget) if budget else None)
+
+
+@click.command("estimate")
+@click.option("--model", "model", default="smollm2-135m", show_default=True,
+              help="Model dir, hub id (cached config), .gguf file, adapter dir or alias. Only the config is read.")
+@click.option("--quantize", type=click.Choice(["none", "8bit", "4bit"]), default="none", show_default=True)
+@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--lora-targets", default="all-linear", show_default=True,
+              help="all-linear, or comma-separated module names (q_proj,v_proj).")
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
+@click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA.")
+@click.option("--optim", default="adamw_torch", show_default=True,
+              help="adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, adafactor, sgd.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Per-device micro-batch.")
+@click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens per sequence.")
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--attn", type=click.Choice(["sdpa", "eager", "flash"]), default="sdpa", show_default=True)
+@click.option("--loss-head", type=click.Choice(["chunked", "full"]), default="chunked", show_default=True,
+              help="chunked: TRL's fused LM head; full: materialized logits.")
+@click.option("--stage", type=click.Choice(["sft", "dpo"]), default="sft", show_default=True)
+@click.option("--ref", type=click.Choice(["adapter", "precompute", "model"]), default="adapter", show_default=True,
+              help="DPO reference: the adapter switched off, log-probs precomputed, or a second model copy.")
+@click.option("--num-processes", type=int, default=1, show_default=True)
+@click.option("--zero", type=click.Choice(["0", "2", "3"]), default="0", show_default=True)
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto, float32, bfloat16, bf16-autocast, float16 (as `align sft --dtype`).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--budget", default=None, help="Memory available, e.g. 24GiB; proposes changes when it does not fit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@debug_option
+@handle_errors
+def estimate_command(model: str, quantize: str, lora_r: int, lora_targets: str, lora_dropout: float, full: bool,
+                     optim: str, batch_size: int, max_length: int, grad_accum: int, gradient_checkpointing: bool,
+                     attn: str, loss_head: str, stage: str, ref: str, num_processes: int, zero: str, dtype: str,
+                     device: str, budget: str | None, as_json: bool, debug: bool) -> None:
+    """Predict the peak memory of a training run from the model's config alone, term by term."""
+    if ref != "adapter" and stage != "dpo":
+        raise AlignError(f"--ref {ref} applies to --stage dpo only")
+    targets: str | tuple[str, ...] = lora_targets if lora_targets == "all-linear" else tuple(
+        t.strip() for t in lora_targets.split(",") if t.strip())
+    plan = estimate(
+        model, budget, dtype, device, stage=stage, quantize=None if quantize == "none" else quantize,
+        lora_r=None if full else lora_r, lora_targets=targets, lora_dropout=lora_dropout, optim=optim,
+        batch_size=batch_size, max_length=max_length, grad_accum=grad_accum,
+        gradient_checkpointing=gradient_checkpointing, attn=attn, ref=ref, num_processes=num_processes,
+        zero=int(zero), chunked_loss=loss_head == "chunked",
+    )
+    click.echo(plan_json(plan) if as_json else format_plan(plan))

@@ -1,0 +1,346 @@
+"""How close is `align estimate` to the memory a run really takes?
+
+For each configuration of a small grid, a fresh subprocess imports the libraries, records its resident memory
+(the baseline: everything held before the model loads), resets the kernel's peak counter, then loads the model and
+runs a few TRL SFTTrainer / DPOTrainer steps with those settings. Its peak RSS above the baseline (VmHWM minus the
+baseline VmRSS) is compared with the planner's prediction for the same settings.
+
+    .venv/bin/python benchmarks/estimate_accuracy.py [--quick] [--out benchmarks/estimate_accuracy.json]
+
+Uses TRL's trainers directly (align.sft does not exist yet): `bf16=True` on CPU is accelerate's bf16 autocast over
+fp32 weights, which is what `--dtype auto` resolves to on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # "smollm2" or "tiny"
+    stage: str = "sft"
+    lora: bool = True
+    quantize: str | None = None
+    batch: int = 1
+    length: int = 256
+    checkpointing: bool = False
+    attn: str = "sdpa"
+    steps: int = 2
+
+    @property
+    def label(self) -> str:
+        method = ("qlora" if self.quantize else "lora") if self.lora else "full"
+        ck = " ckpt" if self.checkpointing else ""
+        return f"{self.model} {self.stage} {method} b{self.batch} L{self.length} {self.attn}{ck}"
+
+
+GRID = [
+    Case("tiny", batch=1, length=64),
+    Case("tiny", batch=2, length=256),
+    Case("tiny", lora=False, batch=2, length=256),
+    Case("tiny", batch=2, length=512, attn="eager"),
+    Case("smollm2", batch=1, length=256),
+    Case("smollm2", batch=4, length=256),
+    Case("smollm2", batch=2, length=512),
+    Case("smollm2", batch=2, length=512, checkpointing=True),
+    Case("smollm2", batch=1, length=512, attn="eager"),
+    Case("smollm2", lora=False, batch=1, length=128),
+    Case("smollm2", lora=False, batch=1, length=128, checkpointing=True),
+    Case("smollm2", stage="dpo", batch=1, length=256),
+    Case("smollm2", stage="dpo", batch=2, length=256, checkpointing=True),
+    Case("smollm2", quantize="4bit", batch=2, length=256),
+]
+QUICK = [GRID[1], GRID[4], GRID[11]]
+# Configurations measured only after the constants were calibrated on GRID: an out-of-sample check.
+HELD_OUT = [
+    Case("smollm2", batch=3, length=384),
+    Case("smollm2", stage="dpo", batch=1, length=384, attn="eager"),
+]
+
+
+# ---- models ------------------------------------------------------------------------------------------------------
+
+
+def smollm2_dir() -> Path:
+    """The embedded model's safetensors dir; converted here when align.models cannot (see RESULTS-estimate.md)."""
+    from align.models import cache_root, embedded_gguf_path, resolve_model
+
+    try:
+        return Path(resolve_model("smollm2-135m").base)
+    except ValueError:
+        pass
+    target = cache_root() / "estimate-bench" / "smollm2-135m"
+    if (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # the dequantized weights are plain fp32; only the GGUF marker blocks save_pretrained
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def tiny_dir() -> Path:
+    """A 4-layer Llama, hidden 512, with the tests' character tokenizer: small enough that fixed costs show."""
+    from align.models import cache_root
+
+    target = cache_root() / "estimate-bench" / "tiny-h512"
+    if (target / "model.safetensors").is_file():
+        return target
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_char_tokenizer, make_tiny_llama
+
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_llama(len(tokenizer), seed=0, layers=4, hidden=512)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+# ---- the measured run (child process) ----------------------------------------------------------------------------
+
+
+def proc_status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def long_text(words: int, seed: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    vocab = ["apple", "river", "stone", "light", "music", "table", "green", "quick", "house", "dream", "cloud"]
+    return " ".join(rng.choice(vocab) for _ in range(words))
+
+
+def measure(case: Case, model_dir: str) -> dict:
+    import torch
+    import trl  # noqa: F401
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    torch.set_num_threads(2)
+    baseline = proc_status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+
+    kwargs: dict = {"dtype": torch.float32, "attn_implementation": case.attn}
+    if case.quantize == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    after_load = proc_status("VmHWM") - baseline
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.bos_token
+    rows = 8 * case.batch
+    chars = case.length * 8
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                             task_type="CAUSAL_LM") if case.lora else None
+    common = dict(output_dir=f"/tmp/estimate-bench-{os.getpid()}", per_device_train_batch_size=case.batch,
+                  max_steps=case.steps, max_length=case.length, gradient_checkpointing=case.checkpointing,
+                  bf16=True, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                  dataloader_num_workers=0, learning_rate=1e-4, disable_tqdm=True)
+    if case.stage == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        data = Dataset.from_list([{"text": long_text(chars // 5, i)[:chars]} for i in range(rows)])
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
+                             peft_config=peft_config)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        data = Dataset.from_list([{"prompt": long_text(8, i), "chosen": long_text(chars // 5, i + 1000)[:chars],
+                                   "rejected": long_text(chars // 5, i + 2000)[:chars]} for i in range(rows)])
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=data, processing_class=tokenizer,
+                             peft_config=peft_config)
+    columns = trainer.train_dataset.column_names
+    column = next((c for c in columns if "chosen" in c and "ids" in c), "input_ids")
+    lengths = [len(x) for x in trainer.train_dataset[: case.batch][column]] if column in columns else []
+    start = time.perf_counter()
+    trainer.train()
+    return {"baseline_rss": baseline, "peak_above_baseline": proc_status("VmHWM") - baseline,
+            "load_peak_above_baseline": after_load, "seconds": time.perf_counter() - start,
+            "first_lengths": lengths}
+
+
+# ---- the prediction ----------------------------------------------------------------------------------------------
+
+
+def predict(case: Case, model_dir: Path):
+    from align.estimate import TrainSetup, load_shape, plan_memory
+
+    setup = TrainSetup(stage=case.stage, device="cpu", weights_dtype="float32", autocast=True,
+                       quantize=case.quantize, lora_r=16 if case.lora else None, lora_dropout=0.05,
+                       batch_size=case.batch, max_length=case.length, gradient_checkpointing=case.checkpointing,
+                       attn=case.attn, ref="adapter")
+    return plan_memory(load_shape(str(model_dir)), setup, case.model)
+
+
+def run_case(case: Case, model_dir: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(asdict(case)), str(model_dir)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+
+
+def accelerate_figures(model_dir: Path) -> dict[str, int]:
+    """What `accelerate estimate-memory` prints, computed with its own functions on a local meta model (the command
+    itself calls the hub's model_info first, so it refuses local dirs and offline use)."""
+    import torch
+    from accelerate.commands.estimate import estimate_training_usage
+    from accelerate.utils import calculate_maximum_sizes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    total, _ = calculate_maximum_sizes(model)
+    return {"load_float32": total, "load_float16": total // 2,
+            "adam_float32": max(estimate_training_usage(total, "float32").values()),
+            "adam_bfloat16": max(estimate_training_usage(total, "bfloat16").values())}
+
+
+def compare() -> list[dict]:
+    """The planner beside `accelerate estimate-memory` and the published figures users quote."""
+    import tempfile
+
+    from align.estimate import TrainSetup, load_shape, plan_memory
+
+    llama = Path(tempfile.mkdtemp()) / "llama-2-7b"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps(LLAMA2_7B))
+    rows = []
+    for name, model_dir in (("smollm2-135m", smollm2_dir()), ("llama-2-7b (config only)", llama)):
+        shape = load_shape(str(model_dir))
+        acc = accelerate_figures(model_dir)
+        full32 = plan_memory(shape, TrainSetup(device="cuda", weights_dtype="float32", lora_r=None, max_length=512))
+        state32 = sum(t.bytes for t in full32.terms if t.name in ("weights", "optimizer states")
+                      or t.name == "step gradients")
+        rows.append({"model": name, "params": shape.total_params, "accelerate": acc,
+                     "full_fp32_adam_states": state32, "full_fp32_adam_peak_b1_L512": full32.peak_bytes,
+                     "full_fp32_adam_peak_phase": full32.peak_phase})
+    shape = load_shape(str(llama))
+    # torchtune's llama2/7B_lora_single_device: r=8 on q,v, bf16, activation checkpointing, batch 2; logits
+    # materialized and upcast (its cross-entropy is not chunked in those measurements); sequence length assumed 512
+    tt = dict(device="cuda", weights_dtype="bfloat16", lora_r=8, lora_targets=("q_proj", "v_proj"), lora_dropout=0.05,
+              batch_size=2, max_length=512, gradient_checkpointing=True, chunked_loss=False)
+    lora = plan_memory(shape, TrainSetup(**tt))
+    qlora = plan_memory(shape, TrainSetup(**tt, quantize="4bit"))
+    rows.append({"model": "llama-2-7b torchtune LoRA vs QLoRA", "lora_peak": lora.peak_bytes,
+                 "qlora_peak": qlora.peak_bytes, "published_lora": 15.6e9, "published_qlora": 9.3e9})
+    return rows
+
+
+def report(case: Case, measured: dict, plan) -> dict:
+    row = {"case": case.label, **asdict(case), **measured, "predicted": plan.peak_bytes,
+           "predicted_phase": plan.peak_phase,
+           "predicted_terms": {t.name + "@" + t.phase: t.bytes for t in plan.terms}}
+    if "error" in measured:
+        print(f"{case.label:<42} failed: {measured['error']}")
+        return row
+    row["error"] = plan.peak_bytes / measured["peak_above_baseline"] - 1
+    print(f"{case.label:<42}{measured['peak_above_baseline'] / 2**20:>10.0f}{plan.peak_bytes / 2**20:>11.0f}"
+          f"{row['error']:>+8.1%}  {plan.peak_phase}  ({measured['seconds']:.0f}s)", flush=True)
+    return row
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| configuration | measured peak above baseline | predicted | error | predicted peak phase |",
+             "|---|---:|---:|---:|---|"]
+    for r in results:
+        if isinstance(r.get("error"), float):
+            lines.append(f"| {r['case']} | {r['peak_above_baseline'] / 2**20:,.0f} MiB | {r['predicted'] / 2**20:,.0f} MiB"
+                         f" | {r['error']:+.1%} | {r['predicted_phase']} |")
+        else:
+            lines.append(f"| {r['case']} | failed: {r.get('error')} | {r['predicted'] / 2**20:,.0f} MiB | | |")
+    return "\n".join(lines)
+
+
+def summarize(results: list[dict], out: Path, machine: dict) -> None:
+    errors = [abs(r["error"]) for r in results if isinstance(r.get("error"), float)]
+    if errors:
+        print(f"worst |error| {max(errors):.1%} over {len(errors)} runs")
+    print(markdown_table(results))
+    out.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+
+
+def repredict(source: Path, out: Path) -> None:
+    """Recompute predictions for stored measurements (the planner changed, the runs did not)."""
+    saved = json.loads(source.read_text())
+    dirs = {"smollm2": smollm2_dir(), "tiny": tiny_dir()}
+    measured_keys = ("baseline_rss", "peak_above_baseline", "load_peak_above_baseline", "seconds", "first_lengths")
+    print(HEADER)
+    results = []
+    for row in saved["results"]:
+        case = Case(**{k: row[k] for k in Case.__dataclass_fields__})
+        measured = {k: row[k] for k in measured_keys if k in row} if "peak_above_baseline" in row else {"error": row["error"]}
+        results.append(report(case, measured, predict(case, dirs[case.model])))
+    summarize(results, out, saved["machine"])
+
+
+HEADER = f"{'case':<42}{'measured':>10}{'predicted':>11}{'error':>8}  peak phase  (MiB above baseline)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", type=int, nargs="*")
+    parser.add_argument("--held-out", action="store_true", help="only the configurations not used for calibration")
+    parser.add_argument("--repredict", help="recompute the predictions for the measurements in this JSON file")
+    parser.add_argument("--compare", action="store_true", help="only the comparison with accelerate and published figures")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "estimate_accuracy.json"))
+    args = parser.parse_args()
+    from align.artifacts import machine_info
+
+    if args.repredict:
+        repredict(Path(args.repredict), Path(args.out))
+        return
+    if args.compare:
+        print(json.dumps(compare(), indent=2))
+        return
+    dirs = {"smollm2": smollm2_dir(), "tiny": tiny_dir()}
+    grid = QUICK if args.quick else HELD_OUT if args.held_out else GRID
+    if args.only:
+        grid = [GRID[i] for i in args.only]
+    print(HEADER)
+    results = [report(case, run_case(case, dirs[case.model]), predict(case, dirs[case.model])) for case in grid]
+    summarize(results, Path(args.out), machine_info())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        print(json.dumps(measure(Case(**json.loads(sys.argv[2])), sys.argv[3])))
+    else:
+        main()
