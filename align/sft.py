@@ -90,7 +90,7 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
     with timer.phase("data"):
         data = prepare_sft_data(recipe, tokenizer)
     steps = estimated_steps(recipe.train, len(data.train))
-    plan = plan_machine(recipe.model, recipe.train, steps)
+    plan = plan_machine(recipe.model, recipe.train, steps, recipe, "sft")
     args = trainer_arguments(recipe, plan, partial_dir(out))
     if data.eval and "eval_strategy" not in recipe.train:
         args.update(eval_strategy="steps", eval_steps=args.get("save_steps", 100))

@@ -105,14 +105,13 @@ class MachinePlan:
                 "torch_compile": self.torch_compile, "reasons": {"precision": self.precision.reason, **self.reasons}}
 
 
-def plan_machine(model_spec: ModelSpec, train: dict[str, Any], steps: int) -> MachinePlan:
+def plan_machine(model_spec: ModelSpec, train: dict[str, Any], steps: int, recipe: TrainRecipe | None = None,
+                 stage: str = "sft", ref: str | None = None) -> MachinePlan:
     precision = pick_precision(model_spec.dtype)
     reasons: dict[str, str] = {}
     checkpointing = train.get("activation_checkpointing", train.get("gradient_checkpointing", model_spec.gradient_checkpointing))
     if checkpointing == "auto":
-        # Checkpointing costs ~25% more compute; on a run whose activations fit it only slows training down.
-        checkpointing = False
-        reasons["gradient_checkpointing"] = "off: activations fit in memory (turn on with --gradient-checkpointing)"
+        checkpointing, reasons["gradient_checkpointing"] = checkpointing_needed(recipe, stage, ref)
     else:
         reasons["gradient_checkpointing"] = "requested"
     compile_ = train.get("torch_compile", model_spec.compile)
@@ -123,6 +122,23 @@ def plan_machine(model_spec: ModelSpec, train: dict[str, Any], steps: int) -> Ma
     else:
         reasons["torch_compile"] = "requested"
     return MachinePlan(precision, bool(checkpointing), bool(compile_), reasons)
+
+
+def checkpointing_needed(recipe: TrainRecipe | None, stage: str, ref: str | None) -> tuple[bool, str]:
+    """Checkpointing costs ~25% more compute, so it is on only when the memory planner says the run would not fit
+    without it (the same plan `--dry-run` prints)."""
+    if recipe is None:
+        return False, "off: no plan to go by (turn on with --gradient-checkpointing)"
+    from align.estimate import available_memory, human, plan_from_recipe
+
+    try:
+        plan = plan_from_recipe(recipe, stage, ref)  # type: ignore[arg-type]
+    except AlignError as exc:  # a model the planner cannot describe: train as asked, say why
+        return False, f"off: the memory planner could not plan this model ({exc})"
+    limit = available_memory(plan.setup.device)
+    verdict = "on" if plan.setup.gradient_checkpointing else "off"
+    return plan.setup.gradient_checkpointing, (f"{verdict}: planned peak {human(plan.peak_bytes)} "
+                                              f"against {human(limit)} of {plan.setup.device} memory")
 
 
 def trainer_arguments(recipe: TrainRecipe, plan: MachinePlan, workdir: Path) -> dict[str, Any]:
