@@ -78,13 +78,14 @@ def test_recipe_suites_load(path):
     assert load_suite(path).tasks
 
 
+# Shortened enough to prove the wiring (every stage runs and hands its output on), not to learn anything.
 SHORT = {
-    "pig-latin": ["sft.train.max_steps=2", "sft.data.limit=16", "pairs.limit=4", "pairs.samples=1",
+    "pig-latin": ["sft.train.max_steps=2", "sft.data.limit=16", "pairs.limit=3", "pairs.samples=1",
                   "pairs.max_new_tokens=12", "pairs.temperature=2.0", "dpo.train.max_steps=2", "merged.t=[0.5, 1.0]",
-                  "merged.select.limit=2", "eval.limit=2"],
+                  "merged.select.limit=1", "eval.limit=1", "eval.suites=[pig-latin, prefs]"],
     "two-skills": ["pig.train.max_steps=2", "pig.data.limit=16", "reverse.train.max_steps=2", "reverse.data.limit=16",
-                   "eval.limit=2"],
-    "depth-upscale": ["healed.train.max_steps=2", "healed.data.limit=16", "eval.limit=2"],
+                   "eval.limit=1"],
+    "depth-upscale": ["healed.train.max_steps=2", "healed.data.limit=16", "eval.limit=1"],
 }
 
 
