@@ -49,7 +49,7 @@ def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--skip-invalid", is_flag=True, default=None, show_default="off", help="Drop invalid rows and report how many."),
         _opt("--max-steps", type=int, default_shown="-1 (use epochs)", help="Optimizer steps to run."),
         _opt("--epochs", type=float, default_shown="3", help="Epochs over the data (when --max-steps is not set)."),
-        _opt("--lr", type=float, default_shown="2e-4", help="Peak learning rate."),
+        _opt("--lr", type=float, default_shown="sft 2e-4, dpo 5e-5", help="Peak learning rate."),
         _opt("--scheduler", default_shown="cosine", help="Learning-rate schedule (any transformers scheduler name)."),
         _opt("--warmup", type=float, default_shown="0.05", help="Warmup steps (an integer) or share of steps (below 1)."),
         _opt("--batch-size", type=int, default_shown="8", help="Per-device micro-batch size."),
@@ -181,6 +181,7 @@ def dpo(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
     RECIPE is an optional YAML with model/data/lora/train sections plus adapter, ref, max_prompt_length and
     max_completion_length; `train` takes any DPOConfig field.
     """
+    relaunch_if_asked(kw.get("num_processes"))
     from trl import DPOConfig
 
     from align.config import DPORecipe, build_recipe
@@ -205,7 +206,7 @@ def dpo(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
     from align.dpo import run_dpo
 
     out = run_dpo(built)
-    click.echo(f"adapter written to {out}")
+    report_written("adapter", out)
 
 
 def report_written(what: str, out: Any) -> None:

@@ -120,16 +120,6 @@ class DPORecipe(TrainRecipe):
             return value
         raise ValueError("expected adapter, base, precompute or model:PATH")
 
-    @property
-    def reference_mode(self) -> str:
-        """`ref` with its default filled in; `model:PATH` reads as `model`."""
-        ref = self.ref or ("adapter" if self.adapter else "base")
-        return "model" if ref.startswith("model:") else ref
-
-    @property
-    def reference_model(self) -> str | None:
-        return self.ref.removeprefix("model:") if self.ref and self.ref.startswith("model:") else None
-
 
 # ---- loading and overriding --------------------------------------------------------------------------------------
 

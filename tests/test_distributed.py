@@ -52,3 +52,31 @@ def test_two_process_ddp_sft_matches_one_process_with_the_same_global_batch(tiny
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
     assert not (tmp_path / "two.partial").exists()
+
+
+def test_two_process_ddp_dpo_with_the_adapter_reference_matches_one_process(tiny_model_dir, tmp_path):
+    data = toy_data(tmp_path)
+    sft_run = sft(tiny_model_dir, data, tmp_path / "sft", "--batch-size", "8")
+    assert sft_run.returncode == 0, sft_run.stderr[-2000:]
+
+    def dpo(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        args = [ALIGN, "dpo", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "sft"),
+                "--data", "builtin:pig-latin-prefs", "--limit", "16", "-o", str(out), "--dtype", "float32",
+                "--max-steps", "3", "--lr", "1e-3", "--warmup", "0", "--ref", "adapter", "--save-steps", "100",
+                "--set", "lora.dropout=0", *extra]
+        return subprocess.run(args, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "MASTER_PORT": str(29600 + (os.getpid() + 7) % 300)})
+
+    one = dpo(tmp_path / "one", "--batch-size", "4")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = dpo(tmp_path / "two", "--batch-size", "2", "--num-processes", "2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("adapter written to") == 1
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    for run in ("one", "two"):
+        record = json.loads((tmp_path / run / "run.json").read_text())
+        assert record["reference"]["mode"] == "adapter" and record["step0_check"]["passed"] is True
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)

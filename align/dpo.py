@@ -1,0 +1,406 @@
+"""`align dpo`: preference alignment of a LoRA adapter with TRL's DPOTrainer, one base model in memory.
+
+Where the reference comes from (`--ref`, recorded in run.json under "reference"):
+- adapter: the policy is a trainable copy of the SFT adapter ("default"); the reference is a frozen copy ("ref") on
+  the same base. TRL 1.16 makes that copy itself when it gets a PeftModel and no ref_model, and runs its reference
+  forward under `use_adapter(model, "ref")`.
+- base: a fresh LoRA, handed to TRL as `peft_config`, so its reference forward runs with adapters disabled.
+- precompute: `precompute_ref_log_probs=True`: TRL scores the data once with the reference before training (the SFT
+  adapter when there is one, else the base), so training runs no reference forward.
+- model:PATH: a separate reference model (a second copy of the weights; the memory-hungry baseline).
+
+A wrong reference does not crash DPO, it trains toward the wrong target, so it is checked: before the first update
+the loss and rewards on the first batch must be those of a policy equal to its reference (ln 2 and 0 for sigmoid).
+
+Stages, in data-flow order: validate inputs -> load data -> load models -> build trainer -> check reference -> train
+-> save. Every input check happens before the output dir is created, so bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import set_seed
+
+from align.artifacts import Timer, check_output_dir, output_dir, partial_dir
+from align.config import DPORecipe
+from align.data import fingerprint_rows, load_preference_data
+from align.errors import AlignError
+from align.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
+from align.runtime import GracefulStop, is_main_process
+from align.training import (
+    attach_lora, check_lora_compatibility, estimated_steps, final_metrics, finish_training, log_series, lora_config,
+    plan_machine, prepare_quantized, progress_callback, quiet_trainer, resume_checkpoint, run_record, train,
+    trainer_arguments,
+)
+
+REFERENCE_MODES = ("adapter", "base", "precompute", "model")
+
+# LoRA DPO learns at ~5e-6 to 5e-5 (full fine-tuning at 5e-7 to 5e-6); SFT's 2e-4 would overshoot.
+DPO_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5}
+
+# The step-0 check compares against exact values. Policy and reference run the same weights through the same
+# kernels, so in the adapter and base modes they agree bit for bit; precompute scores the same rows in other batches
+# (other padding) and model:PATH may hold the SFT adapter merged into the weights, which moves summed log-probs by
+# ~1e-5 nats in fp32. A wrong reference moves them by whole nats (the SFT adapter's effect on a completion), i.e.
+# rewards of ~beta nats. 1e-4 sits orders of magnitude from both.
+STEP0_TOLERANCE = 1e-4
+
+
+# ---- reference plan ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """Which reference the run uses; `describe()` is run.json's "reference"."""
+
+    mode: str
+    adapter: Path | None
+    """The SFT adapter: the policy's starting point, and the reference in adapter (and precompute) mode."""
+    model: str | None = None
+    """The `model:PATH` spec."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "adapter": str(self.adapter) if self.adapter else None, "model": self.model}
+
+
+def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
+    """The policy's model (base, plus the SFT adapter when given) and the reference; refuses combinations whose
+    reference would not equal the starting policy."""
+    if recipe.adapter:
+        policy = resolve_model(recipe.adapter)
+        if policy.adapter is None:
+            raise AlignError(f"--adapter {recipe.adapter}: not a PEFT adapter dir (no adapter_config.json)")
+        if "name" in recipe.model.model_fields_set:  # left unset, --model means the adapter's own base
+            named = resolve_model(recipe.model.name)
+            if named.adapter is not None and named.adapter != policy.adapter:
+                raise AlignError(f"--model {recipe.model.name} is itself an adapter: pass the base model as --model")
+            if named.base != policy.base:
+                raise AlignError(f"--adapter {recipe.adapter} was trained on {policy.base}, not on --model "
+                                 f"{recipe.model.name}")
+    else:
+        policy = resolve_model(recipe.model.name)  # an adapter dir as --model counts as the SFT adapter
+    mode = (recipe.ref or ("adapter" if policy.adapter else "base")).partition(":")[0]
+    if mode == "adapter" and policy.adapter is None:
+        raise AlignError("--ref adapter needs the SFT adapter: pass --adapter SFT_DIR (or --ref base for a fresh LoRA "
+                         "against the base model)")
+    if mode == "base" and policy.adapter is not None:
+        raise AlignError("--ref base with an SFT adapter: the reference would be the base model while the policy starts "
+                         "from the SFT adapter, so DPO would pull toward the wrong target; use --ref adapter")
+    if policy.adapter is None and mode in ("base", "precompute") and recipe.lora.init in ("pissa", "loftq"):
+        raise AlignError(f"lora.init={recipe.lora.init} rewrites the base weights, so the base with adapters disabled "
+                         "is not the starting policy; use lora.init default or gaussian")
+    return policy, ReferencePlan(mode, policy.adapter, recipe.ref.removeprefix("model:") if mode == "model" else None)
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceSplits:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    record: dict[str, Any]
+
+
+def hold_out(rows: list[dict[str, Any]], share: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, held out): a seeded random `share` of the rows, at least one."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, int(len(rows) * share))])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
+    spec = recipe.data
+    loaded = load_preference_data(spec.path, spec.format, spec.split, spec.limit, spec.skip_invalid, spec.pairs,
+                                  spec.score_margin)
+    train, held = loaded.pairs, []
+    if spec.eval_path:
+        held = load_preference_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid, spec.pairs,
+                                    spec.score_margin).pairs
+    elif spec.eval_size > 0:
+        train, held = hold_out(train, spec.eval_size, int(recipe.train.get("seed", 0)))
+    if loaded.raw.skipped:
+        import logging
+
+        logging.getLogger(__name__).warning("skipped %d invalid rows (first: %s)", loaded.raw.skipped,
+                                            loaded.raw.problems[0])
+    record = {
+        "source": spec.path,
+        "format": loaded.format,
+        "rows": len(loaded.raw),
+        "pairs": len(train),
+        "eval_pairs": len(held),
+        "skipped_invalid": loaded.raw.skipped,
+        "rows_without_pair": loaded.rows_without_pair,
+        "fingerprint": fingerprint_rows(train),
+        "eval_fingerprint": fingerprint_rows(held) if held else None,
+    }
+    return PreferenceSplits(train, held, record)
+
+
+@dataclass
+class LengthLimitedCollator:
+    """Trims prompts (keeping their end, next to the answer) and completions (keeping their start) before TRL's own
+    collator pads them. TRL 1.16 dropped max_prompt_length / max_completion_length; only the total max_length is left."""
+
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    max_prompt_length: int | None
+    max_completion_length: int | None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        prompt, completion = self.max_prompt_length, self.max_completion_length
+        trimmed = [
+            {
+                **example,
+                "prompt_ids": example["prompt_ids"][-prompt:] if prompt else example["prompt_ids"],
+                "chosen_ids": example["chosen_ids"][:completion] if completion else example["chosen_ids"],
+                "rejected_ids": example["rejected_ids"][:completion] if completion else example["rejected_ids"],
+            }
+            for example in examples
+        ]
+        return self.collate(trimmed)
+
+
+def preference_collator(recipe: DPORecipe, config: Any, tokenizer: Any) -> LengthLimitedCollator | None:
+    """None (TRL builds its own) unless prompt or completion lengths are limited."""
+    if recipe.max_prompt_length is None and recipe.max_completion_length is None:
+        return None
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    inner = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length,
+                                      truncation_mode=config.truncation_mode,
+                                      pad_to_multiple_of=config.pad_to_multiple_of)
+    return LengthLimitedCollator(inner, recipe.max_prompt_length, recipe.max_completion_length)
+
+
+# ---- models ------------------------------------------------------------------------------------------------------
+
+
+def load_policy(policy: ResolvedModel, recipe: DPORecipe, tokenizer: Any, gradient_checkpointing: bool) -> tuple[Any, Any]:
+    """(model, peft_config for TRL). With an SFT adapter: a PeftModel whose trainable "default" adapter is the SFT
+    adapter (TRL then adds the frozen "ref" copy). Without: the bare base and a fresh LoraConfig, which TRL wraps."""
+    options = LoadOptions(recipe.model.dtype, recipe.model.attn, recipe.model.quantize)
+    model = load_model(policy, options, tokenizer, adapter="trainable")
+    if policy.adapter is not None:
+        return attach_lora(model, policy, recipe.lora, gradient_checkpointing), None
+    return prepare_quantized(model, gradient_checkpointing), lora_config(recipe.lora)
+
+
+def load_reference_model(spec: str, recipe: DPORecipe, tokenizer: Any, policy_model: Any) -> Any:
+    """The `model:PATH` reference: a model dir, .gguf or adapter dir, frozen.
+
+    An adapter stays unmerged, injected into the modules of its own copy of the base, and TRL gets that inner
+    transformers model: TRL patches a plain model's forward with its fused log-prob head (not a PeftModel's), and an
+    unmerged adapter computes exactly what the policy computes at step 0, where merged weights round differently
+    (under bf16 autocast by more than the step-0 tolerance).
+    """
+    resolved = resolve_model(spec)
+    options = LoadOptions(recipe.model.dtype, recipe.model.attn, recipe.model.quantize)
+    model = load_model(resolved, options, tokenizer, adapter="load")
+    if resolved.adapter is not None:
+        model = model.get_base_model()
+    if model.get_input_embeddings().weight.shape[0] != policy_model.get_input_embeddings().weight.shape[0]:
+        raise AlignError(f"--ref model:{spec}: its vocabulary ({model.get_input_embeddings().weight.shape[0]} tokens) "
+                         f"differs from the policy's ({policy_model.get_input_embeddings().weight.shape[0]})")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def prepare_reference(trainer: Any, reference: ReferencePlan) -> None:
+    """Make sure the reference TRL set up is the one the plan names: in adapter (and precompute-with-adapter) mode,
+    a frozen "ref" adapter holding exactly the SFT adapter's saved weights."""
+    from peft import get_peft_model_state_dict
+
+    model = trainer.model
+    if reference.mode not in ("adapter", "precompute") or reference.adapter is None:
+        return
+    if "ref" not in getattr(model, "peft_config", {}):
+        raise AlignError(f"--ref {reference.mode}: TRL did not create the frozen reference adapter")
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    for name, param in model.named_parameters():
+        if ".ref." in name:
+            param.requires_grad_(False)
+            if quantized:  # TRL casts the trainable adapter to bf16 after copying it into "ref": round "ref" alike
+                param.data = param.data.to(model.get_parameter(name.replace(".ref.", ".default.")).dtype)
+    saved_file = reference.adapter / "adapter_model.safetensors"
+    if not saved_file.is_file():
+        return
+    from safetensors.torch import load_file
+
+    saved = load_file(str(saved_file))
+    current = get_peft_model_state_dict(model, adapter_name="ref")
+    for key, tensor in saved.items():
+        if key not in current or not torch.equal(current[key].cpu(), tensor.to(current[key].dtype)):
+            raise AlignError(f"--ref {reference.mode}: the frozen reference adapter does not hold the weights saved in "
+                             f"{reference.adapter} (first difference: {key})")
+
+
+# ---- the step-0 reference check ----------------------------------------------------------------------------------
+
+
+def step0_loss(loss_types: list[str], loss_weights: list[float] | None, beta: float) -> float | None:
+    """The loss when every log-ratio is 0 (policy = reference), for the losses where it is a constant."""
+    at_zero = {"sigmoid": math.log(2), "robust": math.log(2), "hinge": 1.0, "ipo": (1 / (2 * beta)) ** 2}
+    if not all(t in at_zero for t in loss_types):
+        return None
+    weights = loss_weights or [1.0] * len(loss_types)
+    return sum(at_zero[t] * w for t, w in zip(loss_types, weights))
+
+
+def check_reference_at_step0(trainer: Any, mode: str, tolerance: float = STEP0_TOLERANCE) -> dict[str, Any]:
+    """DPO loss and rewards on the first training batch, through TRL's own loss code, before any update.
+
+    Dropout is off (eval mode) so policy and reference are deterministic; the RNG is restored so the check does not
+    change the data order. Raises AlignError naming the reference mode when the policy is not its reference.
+    """
+    model = trainer.model
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]):
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.eval()
+    try:
+        with torch.no_grad(), trainer.accelerator.autocast():
+            loss = float(trainer.compute_loss(model, batch))
+    except ValueError as exc:  # TRL checks loss types only when it first computes the loss
+        raise AlignError(f"DPO settings: {str(exc).splitlines()[0]}") from None
+    finally:
+        model.train(was_training)
+    logged = trainer._metrics["eval"]  # TRL files metrics under "eval" when the model is not training
+    measured = {key: float(logged[key][-1]) for key in ("rewards/chosen", "rewards/rejected", "rewards/margins")}
+    logged.clear()
+    expected = step0_loss(list(trainer.loss_types), trainer.args.loss_weights, trainer.beta)
+    deviation = max([abs(v) for v in measured.values()] + ([abs(loss - expected)] if expected is not None else []))
+    result = {"passed": deviation <= tolerance, "loss": loss, "expected_loss": expected, **measured,
+              "max_deviation": deviation, "tolerance": tolerance, "pairs": int(batch["input_ids"].shape[0] // 2)}
+    if not result["passed"]:
+        want = f"loss {expected:.4f} and " if expected is not None else ""
+        raise AlignError(
+            f"step-0 reference check failed for --ref {mode}: with the policy equal to its reference, DPO must give "
+            f"{want}zero rewards, got loss {loss:.6f}, margin {measured['rewards/margins']:.6f} (chosen "
+            f"{measured['rewards/chosen']:.6f}, rejected {measured['rewards/rejected']:.6f}); the reference is not "
+            "the model the policy starts from"
+        )
+    return result
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+
+def dpo_config(args: dict[str, Any]) -> Any:
+    from trl import DPOConfig
+
+    try:
+        return DPOConfig(**args)
+    except (TypeError, ValueError) as exc:
+        raise AlignError(f"invalid train settings: {str(exc).splitlines()[0]}") from None
+
+
+def dpo_arguments(recipe: DPORecipe, reference: ReferencePlan, trainer_args: dict[str, Any]) -> dict[str, Any]:
+    """Our machine defaults and recipe.train (trainer_arguments), DPO's own defaults under recipe.train, and the
+    reference mode's switch."""
+    args = {**trainer_args, **{k: v for k, v in DPO_DEFAULTS.items() if k not in recipe.train}}
+    if reference.mode == "precompute":
+        args["precompute_ref_log_probs"] = True
+    elif args.get("precompute_ref_log_probs"):
+        raise AlignError("train.precompute_ref_log_probs: choose it with --ref precompute, so run.json records it")
+    return args
+
+
+def build_trainer(recipe: DPORecipe, policy: ResolvedModel, reference: ReferencePlan, tokenizer: Any, config: Any,
+                  data: PreferenceSplits, gradient_checkpointing: bool, callbacks: list[Any]) -> Any:
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    model, peft_config = load_policy(policy, recipe, tokenizer, gradient_checkpointing)
+    ref_model = load_reference_model(reference.model, recipe, tokenizer, model) if reference.model else None
+    try:
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=config,
+            data_collator=preference_collator(recipe, config, tokenizer),
+            train_dataset=Dataset.from_list(data.train),
+            eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    except ValueError as exc:  # TRL's own checks on loss type, label smoothing, lm_head targets, ...
+        raise AlignError(f"DPO settings: {str(exc).splitlines()[0]}") from None
+    prepare_reference(trainer, reference)
+    return quiet_trainer(trainer)
+
+
+def run_dpo(recipe: DPORecipe, progress: bool = True) -> Path:
+    """Train a LoRA adapter on preference pairs as the recipe says; return the finished output dir."""
+    if not recipe.output:
+        raise AlignError("no output dir: pass --output DIR")
+    out = Path(recipe.output)
+    check_output_dir(out, recipe.overwrite, recipe.resume)
+    check_lora_compatibility(recipe)
+    timer = Timer()
+    with timer.phase("resolve_model"):
+        policy, reference = plan_reference(recipe)
+        tokenizer = load_tokenizer(policy)
+    with timer.phase("data"):
+        data = prepare_preference_data(recipe)
+    steps = estimated_steps(recipe.train, len(data.train))
+    # The memory planner knows adapter, precompute and model; a fresh LoRA against the base costs what adapter does.
+    planned_ref = "adapter" if reference.mode == "base" else reference.mode
+    plan = plan_machine(recipe.model, recipe.train, steps, recipe, "dpo", planned_ref)
+    args = dpo_arguments(recipe, reference, trainer_arguments(recipe, plan, partial_dir(out)))
+    if data.eval and "eval_strategy" not in recipe.train:
+        args.update(eval_strategy="steps", eval_steps=args.get("save_steps", 100))
+    config = dpo_config(args)
+
+    writer = is_main_process()
+    stop = GracefulStop()
+    with output_dir(out, recipe.overwrite, recipe.resume, keep_on_error=True, writer=writer) as handle, \
+            stop.installed():
+        checkpoint = resume_checkpoint(handle.path, recipe.resume, delete_broken=writer)
+        with timer.phase("load_model"):
+            set_seed(int(args["seed"]))  # LoRA init (here or inside TRL for --ref base) draws from the global RNG
+            trainer = build_trainer(recipe, policy, reference, tokenizer, config, data, plan.gradient_checkpointing,
+                                    [progress_callback(steps, progress and writer), stop.callback()])
+        # before train() loads any checkpoint, so a resumed run checks the same starting point
+        with timer.phase("step0_check"):
+            step0 = check_reference_at_step0(trainer, reference.mode)
+        with timer.phase("train"):
+            output = train(trainer, checkpoint, handle.path)
+        stop.raise_if_stopped(trainer.state.global_step, str(handle.path))
+        if data.eval:
+            with timer.phase("eval"):
+                trainer.evaluate()
+        history = list(trainer.state.log_history)
+        metrics = final_metrics(history, output)
+        metrics.update(final_rewards(history))
+        record = run_record("dpo", recipe, policy, plan, args, data.record, history, metrics,
+                            {**timer.phases, "total": timer.total()}, trainer.model,
+                            extra={"reference": reference.describe(), "beta": float(config.beta),
+                                   "loss_type": list(config.loss_type), "step0_check": step0,
+                                   "resumed_from": checkpoint})
+        plots = {"loss.png": log_series(history, "loss", "eval_loss"),
+                 "rewards.png": log_series(history, *REWARD_KEYS)}
+        return finish_training(handle, "dpo", trainer, tokenizer, recipe, policy, record, plots)
+
+
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def final_rewards(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged value of each reward metric, train and eval."""
+    out: dict[str, float] = {}
+    for key in REWARD_KEYS + tuple(f"eval_{k}" for k in REWARD_KEYS):
+        values = [h[key] for h in history if key in h]
+        if values:
+            out[key] = values[-1]
+    return out

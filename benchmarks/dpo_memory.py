@@ -1,0 +1,197 @@
+"""`align dpo` reference modes on the embedded model: peak memory and seconds/step, same data and batch.
+
+  adapter     the frozen SFT adapter on the same base (one copy of the weights)
+  precompute  reference log-probs computed once before training (no reference forward while training)
+  model       a separate reference model (a second copy of the weights: the baseline)
+
+Each mode runs in a fresh subprocess, whose peak RSS (VmHWM) is measured above its own baseline taken after the
+imports and before any model loads; peak GPU memory is added where a GPU is present. Seconds/step are the median
+of the steps after the first `--warmup` (steady state); the one-off precompute pass is reported separately.
+Figures are ratios against the `model` baseline of the same script. The goals (issue 3): the memory `adapter` saves
+against `model` is >= 90% of one copy of the weights; `adapter` within 10% of `model` in seconds/step; `precompute`
+faster per step than both.
+
+    .venv/bin/python benchmarks/dpo_memory.py --steps 12 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("adapter", "precompute", "model")
+
+
+def vm_hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def vm_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def step_timer() -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if not self.marks:
+                self.marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.marks.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def worker(mode: str, sft: Path, steps: int, batch: int, warmup: int, workdir: Path) -> dict[str, Any]:
+    import torch
+
+    import align.dpo as dpo
+    from align.config import DPORecipe
+    from align.models import resolve_model
+
+    resolve_model("smollm2-135m")  # converts the GGUF once (cached); not part of any mode's footprint
+    baseline = vm_rss_bytes()
+    timer = step_timer()
+    dpo.progress_callback = lambda total, enabled=True: timer  # the same hook point as the progress bar
+    ref = f"model:{sft}" if mode == "model" else mode
+    recipe = DPORecipe.model_validate({
+        "model": {"name": "smollm2-135m", "compile": False},
+        "adapter": str(sft),
+        "ref": ref,
+        "data": {"path": "builtin:pig-latin-prefs", "limit": steps * batch},
+        "train": {"max_steps": steps, "per_device_train_batch_size": batch, "save_steps": 10_000,
+                  "warmup_steps": 0},
+        "output": str(workdir / mode),
+    })
+    out = dpo.run_dpo(recipe, progress=False)
+    record = json.loads((out / "run.json").read_text())
+    durations = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
+    result = {
+        "mode": mode,
+        "baseline_rss_bytes": baseline,
+        "peak_rss_bytes": vm_hwm_bytes(),
+        "peak_rss_above_baseline_bytes": vm_hwm_bytes() - baseline,
+        "seconds_per_step": statistics.median(durations[warmup:]),
+        "first_step_seconds": durations[0],
+        "load_and_precompute_seconds": record["timings_s"]["load_model"],
+        "step0_check": record["step0_check"]["passed"],
+        "precision": record["machine_plan"]["precision"],
+        "parameters": record["parameters"]["parameters"],
+    }
+    if torch.cuda.is_available():
+        result["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def weight_bytes() -> tuple[int, int]:
+    """(parameters, bytes) of one copy of the embedded model's weights as training loads them."""
+    from safetensors import safe_open
+
+    from align.models import resolve_model
+
+    base = Path(resolve_model("smollm2-135m").base)
+    params = nbytes = 0
+    for file in base.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                count = 1
+                for dim in tensor.get_shape():
+                    count *= dim
+                params += count
+    nbytes = params * 4  # fp32 weights: the CPU default (bf16 autocast computes over fp32 weights)
+    return params, nbytes
+
+
+def make_sft_adapter(workdir: Path) -> Path:
+    """A short SFT run: memory and step time depend on the adapter's shape, not on how well it was trained."""
+    from align.config import SFTRecipe
+    from align.sft import run_sft
+
+    out = workdir / "sft"
+    if (out / "run.json").is_file():
+        return out
+    return run_sft(SFTRecipe.model_validate({
+        "model": {"name": "smollm2-135m", "compile": False},
+        "data": {"path": "builtin:pig-latin", "limit": 32},
+        "train": {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "save_steps": 10_000},
+        "output": str(out), "overwrite": True,
+    }), progress=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/alignmerge-dpo-bench"))
+    parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--sft", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        import shutil
+
+        shutil.rmtree(args.workdir / args.worker, ignore_errors=True)
+        result = worker(args.worker, args.sft, args.steps, args.batch, args.warmup, args.workdir)
+        print("RESULT " + json.dumps(result))
+        return
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sft = make_sft_adapter(args.workdir)
+    results = {}
+    for mode in MODES:
+        command = [sys.executable, __file__, "--worker", mode, "--sft", str(sft), "--steps", str(args.steps),
+                   "--batch", str(args.batch), "--warmup", str(args.warmup), "--workdir", str(args.workdir)]
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ})
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+        results[mode] = json.loads(lines[-1].removeprefix("RESULT "))
+        print(f"{mode}: {results[mode]}", file=sys.stderr)
+
+    from align.artifacts import machine_info
+
+    params, nbytes = weight_bytes()
+    base = results["model"]
+    saved = base["peak_rss_above_baseline_bytes"] - results["adapter"]["peak_rss_above_baseline_bytes"]
+    summary = {
+        "machine": machine_info(),
+        "steps": args.steps, "batch": args.batch,
+        "weights": {"parameters": params, "fp32_bytes": nbytes},
+        "results": results,
+        "adapter_saves_bytes": saved,
+        "adapter_saves_share_of_one_weight_copy": saved / nbytes,
+        "adapter_seconds_per_step_vs_model": results["adapter"]["seconds_per_step"] / base["seconds_per_step"],
+        "precompute_seconds_per_step_vs_model": results["precompute"]["seconds_per_step"] / base["seconds_per_step"],
+        "precompute_seconds_per_step_vs_adapter": (results["precompute"]["seconds_per_step"]
+                                                   / results["adapter"]["seconds_per_step"]),
+    }
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
