@@ -379,14 +379,14 @@ def run_merge_stage(stage: MergeStage, pipeline: Pipeline, overwrite: bool) -> P
     out = pipeline.rundir / stage.name
     if len(candidates) == 1:
         result = merge_candidate(stage, pipeline, candidates[0], out, overwrite)
-        write_sft_template(pipeline, result)
+        write_sft_template(pipeline, result, stage.name)
         return result
     scratch = pipeline.rundir / f".{stage.name}.sweep"
     shutil.rmtree(scratch, ignore_errors=True)
     scored = []
     for i, candidate in enumerate(candidates):
         path = merge_candidate(stage, pipeline, candidate, scratch / f"candidate-{i}", True)
-        write_sft_template(pipeline, path)
+        write_sft_template(pipeline, path, stage.name)
         metrics = score_candidate(stage.select, path, scratch / f"eval-{i}")  # type: ignore[arg-type]
         scored.append({"candidate": candidate, "path": str(path), "metrics": metrics,
                        "score": selection_score(stage.select.metric, metrics)})  # type: ignore[union-attr]
@@ -427,16 +427,20 @@ def merge_candidate(stage: MergeStage, pipeline: Pipeline, candidate: dict[str, 
     return run_merge_request(request)
 
 
-def sft_stage_dir(pipeline: Pipeline) -> Path | None:
+def sft_stage_dir(pipeline: Pipeline, before: str) -> Path | None:
+    """The last complete SFT stage that runs before stage `before` (the template contract's source), if any."""
+    found = None
     for stage in pipeline.recipe.stages:
-        if isinstance(stage, SFTStage):
-            return pipeline.rundir / stage.name
-    return None
+        if stage.name == before:
+            break
+        if isinstance(stage, SFTStage) and is_complete(pipeline.rundir / stage.name):
+            found = pipeline.rundir / stage.name
+    return found
 
 
-def write_sft_template(pipeline: Pipeline, merged: Path) -> None:
+def write_sft_template(pipeline: Pipeline, merged: Path, stage_name: str) -> None:
     """Merged outputs render and stop where the SFT model did: its chat template, EOS/PAD and generation EOS."""
-    sft = sft_stage_dir(pipeline)
+    sft = sft_stage_dir(pipeline, stage_name)
     if sft is None or not (merged / "config.json").is_file():
         return
     from transformers import AutoTokenizer, GenerationConfig
