@@ -30,7 +30,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
                      show_default="auto (only when memory needs it)", help="Recompute activations in backward."),
         click.option("--compile/--no-compile", "compile_", default=None,
-                     show_default="auto (runs long enough to repay compilation)", help="torch.compile the model."),
+                     show_default="off (batch shapes vary; it recompiles)", help="torch.compile the model."),
     ]):
         fn = option(fn)
     return fn

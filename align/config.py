@@ -33,7 +33,7 @@ class ModelSpec(Section):
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     """auto: only when the planned peak does not fit the device's memory."""
     compile: bool | Literal["auto"] = "auto"
-    """torch.compile the model; auto: when the run is long enough to repay compilation."""
+    """torch.compile the model; auto means off (chat batches vary in shape and it recompiles every step)."""
 
 
 class DataSpec(Section):

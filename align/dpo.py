@@ -28,16 +28,15 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from align.artifacts import Timer, check_output_dir, output_dir, partial_dir
+from align.artifacts import Timer, check_output_dir, partial_dir
 from align.config import DPORecipe
 from align.data import fingerprint_rows, load_preference_data
 from align.errors import AlignError
 from align.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
-from align.runtime import GracefulStop, is_main_process
 from align.training import (
     attach_lora, check_lora_compatibility, estimated_steps, final_metrics, finish_training, log_series, lora_config,
-    plan_machine, prepare_quantized, progress_callback, quiet_trainer, resume_checkpoint, run_record, train,
-    trainer_arguments,
+    evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer, run_record, train,
+    trainer_arguments, training_run,
 )
 
 REFERENCE_MODES = ("adapter", "base", "precompute", "model")
@@ -358,19 +357,15 @@ def run_dpo(recipe: DPORecipe, progress: bool = True) -> Path:
     planned_ref = "adapter" if reference.mode == "base" else reference.mode
     plan = plan_machine(recipe.model, recipe.train, steps, recipe, "dpo", planned_ref)
     args = dpo_arguments(recipe, reference, trainer_arguments(recipe, plan, partial_dir(out)))
-    if data.eval and "eval_strategy" not in recipe.train:
-        args.update(eval_strategy="steps", eval_steps=args.get("save_steps", 100))
+    evaluate_at_saves(args, bool(data.eval), recipe.train)
     config = dpo_config(args)
 
-    writer = is_main_process()
-    stop = GracefulStop()
-    with output_dir(out, recipe.overwrite, recipe.resume, keep_on_error=True, writer=writer) as handle, \
-            stop.installed():
-        checkpoint = resume_checkpoint(handle.path, recipe.resume, delete_broken=writer)
+    with training_run(recipe, out) as run:
+        handle, stop, checkpoint = run.handle, run.stop, run.checkpoint
         with timer.phase("load_model"):
             set_seed(int(args["seed"]))  # LoRA init (here or inside TRL for --ref base) draws from the global RNG
             trainer = build_trainer(recipe, policy, reference, tokenizer, config, data, plan.gradient_checkpointing,
-                                    [progress_callback(steps, progress and writer), stop.callback()])
+                                    [progress_callback(steps, progress and run.writer), stop.callback()])
         # before train() loads any checkpoint, so a resumed run checks the same starting point
         with timer.phase("step0_check"):
             step0 = check_reference_at_step0(trainer, reference.mode)

@@ -47,7 +47,7 @@ NF4_DQ_BLOCKS = 256
 # bitsandbytes 8-bit optimizers keep one fp32 absmax per 256-value block of each state (two states for Adam).
 BNB_OPTIM_BLOCK = 256
 
-# Measured on the 2-core CPU machine in benchmarks/estimate_accuracy.py (see RESULTS-estimate.md): what the trainer,
+# Measured on the 2-core CPU machine in benchmarks/estimate_accuracy.py (see benchmarks/RESULTS.md): what the trainer,
 # dataset, accelerate and glibc's per-thread malloc arenas add above the post-import baseline before any tensor.
 CPU_FRAMEWORK_OVERHEAD = 80 * MiB
 # The CUDA context is outside `torch.cuda.max_memory_allocated` but inside what `nvidia-smi` shows.

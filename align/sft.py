@@ -11,15 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.artifacts import check_output_dir, output_dir, partial_dir, Timer
+from align.artifacts import Timer, check_output_dir, partial_dir
 from align.config import SFTRecipe
 from align.data import fingerprint_rows, load_sft_data, tokenize_sft_rows
 from align.errors import AlignError
 from align.models import LoadOptions, load_model, load_tokenizer, resolve_model, template_contract
-from align.runtime import GracefulStop, is_main_process
 from align.training import (
-    attach_lora, check_lora_compatibility, estimated_steps, final_metrics, finish_training, log_series, plan_machine,
-    progress_callback, quiet_trainer, resume_checkpoint, run_record, train, trainer_arguments,
+    attach_lora, check_lora_compatibility, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
+    log_series, plan_machine, progress_callback, quiet_trainer, run_record, train, trainer_arguments, training_run,
 )
 
 
@@ -92,15 +91,11 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
     steps = estimated_steps(recipe.train, len(data.train))
     plan = plan_machine(recipe.model, recipe.train, steps, recipe, "sft")
     args = trainer_arguments(recipe, plan, partial_dir(out))
-    if data.eval and "eval_strategy" not in recipe.train:
-        args.update(eval_strategy="steps", eval_steps=args.get("save_steps", 100))
+    evaluate_at_saves(args, bool(data.eval), recipe.train)
     config = sft_config(args)
 
-    writer = is_main_process()
-    stop = GracefulStop()
-    with output_dir(out, recipe.overwrite, recipe.resume, keep_on_error=True, writer=writer) as handle, \
-            stop.installed():
-        checkpoint = resume_checkpoint(handle.path, recipe.resume, delete_broken=writer)
+    with training_run(recipe, out) as run:
+        handle, stop, checkpoint = run.handle, run.stop, run.checkpoint
         with timer.phase("load_model"):
             options = LoadOptions(recipe.model.dtype, recipe.model.attn, recipe.model.quantize)
             model = load_model(resolved, options, tokenizer, adapter="trainable")
@@ -111,7 +106,7 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
             train_dataset=Dataset.from_list(data.train),
             eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
             processing_class=tokenizer,
-            callbacks=[progress_callback(steps, progress and writer), stop.callback()],
+            callbacks=[progress_callback(steps, progress and run.writer), stop.callback()],
         ))
         with timer.phase("train"):
             output = train(trainer, checkpoint, handle.path)

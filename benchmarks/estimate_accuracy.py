@@ -73,7 +73,7 @@ HELD_OUT = [
 
 
 def smollm2_dir() -> Path:
-    """The embedded model's safetensors dir; converted here when align.models cannot (see RESULTS-estimate.md)."""
+    """The embedded model's safetensors dir; converted here when align.models cannot (see benchmarks/RESULTS.md)."""
     from align.models import cache_root, embedded_gguf_path, resolve_model
 
     try:
