@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from align.artifacts import Timer, check_output_dir, partial_dir
+from align.artifacts import Timer, partial_dir
 from align.config import DPORecipe
 from align.data import fingerprint_rows, load_preference_data
 from align.errors import AlignError
 from align.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
 from align.training import (
-    attach_lora, check_lora_compatibility, estimated_steps, final_metrics, finish_training, log_series, lora_config,
+    attach_lora, check_run_inputs, estimated_steps, final_metrics, finish_training, log_series, lora_config,
     evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer, run_record, train,
     trainer_arguments, training_run,
 )
@@ -341,11 +341,7 @@ def build_trainer(recipe: DPORecipe, policy: ResolvedModel, reference: Reference
 
 def run_dpo(recipe: DPORecipe, progress: bool = True) -> Path:
     """Train a LoRA adapter on preference pairs as the recipe says; return the finished output dir."""
-    if not recipe.output:
-        raise AlignError("no output dir: pass --output DIR")
-    out = Path(recipe.output)
-    check_output_dir(out, recipe.overwrite, recipe.resume)
-    check_lora_compatibility(recipe)
+    out = check_run_inputs(recipe)
     timer = Timer()
     with timer.phase("resolve_model"):
         policy, reference = plan_reference(recipe)

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.artifacts import Timer, check_output_dir, partial_dir
+from align.artifacts import Timer, partial_dir
 from align.config import SFTRecipe
 from align.data import fingerprint_rows, load_sft_data, tokenize_sft_rows
 from align.errors import AlignError
 from align.models import LoadOptions, load_model, load_tokenizer, resolve_model, template_contract
 from align.training import (
-    attach_lora, check_lora_compatibility, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
+    attach_lora, check_run_inputs, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
     log_series, plan_machine, progress_callback, quiet_trainer, run_record, train, trainer_arguments, training_run,
 )
 
@@ -77,11 +77,7 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
     from datasets import Dataset
     from trl import SFTTrainer
 
-    if not recipe.output:
-        raise AlignError("no output dir: pass --output DIR")
-    out = Path(recipe.output)
-    check_output_dir(out, recipe.overwrite, recipe.resume)
-    check_lora_compatibility(recipe)
+    out = check_run_inputs(recipe)
     timer = Timer()
     with timer.phase("resolve_model"):
         resolved = resolve_model(recipe.model.name)

@@ -60,6 +60,18 @@ def check_lora_compatibility(recipe: TrainRecipe) -> None:
         raise AlignError("DoRA is not supported on an 8-bit base (use --quantize 4bit or none)")
 
 
+def check_run_inputs(recipe: TrainRecipe) -> Path:
+    """The output dir and flag combinations a training command can refuse before loading anything."""
+    from align.artifacts import check_output_dir
+
+    if not recipe.output:
+        raise AlignError("no output dir: pass --output DIR")
+    out = Path(recipe.output)
+    check_output_dir(out, recipe.overwrite, recipe.resume)
+    check_lora_compatibility(recipe)
+    return out
+
+
 def attach_lora(model: Any, resolved: ResolvedModel, spec: LoraSpec, gradient_checkpointing: bool,
                 seed: int = 0) -> Any:
     """A fresh LoRA adapter, or keep training the adapter `--model` named. Quantized bases are prepared for k-bit
