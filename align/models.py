@@ -127,7 +127,7 @@ def dir_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def gguf_to_safetensors(gguf: Path, cache: Path | None = None) -> Path:
+def gguf_to_safetensors(gguf: Path, cache: Path | None = None, digest: str | None = None) -> Path:
     """Dequantize a GGUF file once into a plain safetensors model dir, keyed by the file's hash.
 
     Written into a temporary sibling and renamed into place, so a killed conversion never leaves a dir that looks
@@ -139,7 +139,7 @@ def gguf_to_safetensors(gguf: Path, cache: Path | None = None) -> Path:
         raise MissingDependencyError("gguf", "loading a .gguf model") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = file_sha256(gguf)[:16]
+    key = digest or file_sha256(gguf)[:16]
     target = (cache or cache_root()) / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -171,13 +171,12 @@ def resolve_model(spec: str, cache: Path | None = None) -> ResolvedModel:
     """Turn a `--model` value into a loadable base (and adapter). Converts GGUF files on first use."""
     spec = str(spec)
     if spec == EMBEDDED_ALIAS:
-        gguf = embedded_gguf_path()
-        return ResolvedModel(spec, "alias", str(gguf_to_safetensors(gguf, cache)), fingerprint=_gguf_key(gguf))
+        return _resolve_gguf(spec, "alias", embedded_gguf_path(), cache)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise AlignError(f"model file not found: {spec}")
-        return ResolvedModel(spec, "gguf", str(gguf_to_safetensors(path, cache)), fingerprint=_gguf_key(path))
+        return _resolve_gguf(spec, "gguf", path, cache)
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             return _resolve_adapter(spec, path, cache)
@@ -191,8 +190,10 @@ def resolve_model(spec: str, cache: Path | None = None) -> ResolvedModel:
     return ResolvedModel(spec, "hub", spec, fingerprint=f"hub:{spec}")
 
 
-def _gguf_key(path: Path) -> str:
-    return "gguf:" + file_sha256(path)[:16]
+def _resolve_gguf(spec: str, kind: SourceKind, gguf: Path, cache: Path | None) -> ResolvedModel:
+    """Hash the file once: the hash both keys the conversion cache and fingerprints the model."""
+    digest = file_sha256(gguf)[:16]
+    return ResolvedModel(spec, kind, str(gguf_to_safetensors(gguf, cache, digest)), fingerprint=f"gguf:{digest}")
 
 
 def _resolve_adapter(spec: str, path: Path, cache: Path | None) -> ResolvedModel:

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -235,10 +236,10 @@ def run_pipeline(recipe: PipelineRecipe, rundir: Path, start_from: str | None = 
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
     pipeline = Pipeline(recipe, rundir, resolve_model(recipe.model.name).fingerprint, {})
     forced = False
+    say = _say if progress else (lambda _: None)
     timings: dict[str, float] = dict(state.get("timings_s", {}))
     for stage in recipe.stages:
         forced = forced or stage.name == start_from
-        print_ = _say if progress else (lambda *_: None)
         stage_dir = rundir / stage.name
         fp = fingerprint(stage, pipeline, recipe.model)
         pipeline.fingerprints[stage.name] = fp
@@ -249,11 +250,9 @@ def run_pipeline(recipe: PipelineRecipe, rundir: Path, start_from: str | None = 
                     raise AlignError(f"--only {only}: upstream stage '{stage.name}' is not complete; run it first")
             continue
         if done and not forced and only is None:
-            print_(f"[{stage.name}] up to date, skipped")
+            say(f"[{stage.name}] up to date, skipped")
             continue
-        print_(f"[{stage.name}] running {stage.kind}")
-        import time
-
+        say(f"[{stage.name}] running {stage.kind}")
         started = time.perf_counter()
         run_stage(stage, pipeline, overwrite=True)
         timings[stage.name] = time.perf_counter() - started
@@ -294,7 +293,7 @@ def run_dpo_stage(stage: DPOStage, pipeline: Pipeline, overwrite: bool) -> Path:
 
     adapter = pipeline.path(stage.adapter) if stage.adapter else None
     if adapter:
-        check_template_contract(Path(adapter), pipeline.recipe.model.name)
+        check_template_contract(Path(adapter))
     recipe = DPORecipe.model_validate({
         "model": pipeline.recipe.model.model_dump(), "data": {"path": pipeline.path(stage.data)},
         "lora": stage.lora.model_dump(), "train": stage.train, "adapter": adapter, "ref": stage.ref,
@@ -306,7 +305,7 @@ def run_dpo_stage(stage: DPOStage, pipeline: Pipeline, overwrite: bool) -> Path:
 # ---- template contract -------------------------------------------------------------------------------------------
 
 
-def check_template_contract(sft_dir: Path, model_spec: str) -> None:
+def check_template_contract(sft_dir: Path) -> None:
     """The tokenizer DPO will use (the SFT adapter's own) must render and stop exactly as the SFT stage recorded."""
     from align.models import load_tokenizer, resolve_model, template_contract
 

@@ -115,7 +115,7 @@ def relaunch_with_accelerate(num_processes: int, argv: list[str] | None = None, 
     argv = list(sys.argv[1:] if argv is None else argv)
     cleaned: list[str] = []
     skip = False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
             continue
