@@ -147,10 +147,12 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, what: str = "recipe", expected: str = "a recipe must be a mapping of sections"
+              ) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every problem is one line naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
-        raise AlignError(f"recipe not found: {path}")
+        raise AlignError(f"{what} not found: {path}")
     try:
         data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -158,7 +160,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise AlignError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
-        raise AlignError(f"{path}: a recipe must be a mapping of sections")
+        raise AlignError(f"{path}: {expected}")
     return data
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from align.artifacts import Timer, check_output_dir, machine_info, output_dir, package_versions, peak_memory
+from align.config import load_yaml
 from align.errors import AlignError, did_you_mean
 from align.models import EMBEDDED_ALIAS, dir_fingerprint, resolve_model
 from merge import adapters as lora
@@ -390,16 +391,7 @@ def run_config_file(path: Path, out: Path, overwrite: bool = False, seed: int | 
     """`merge config FILE.yaml`: any mergekit configuration, validated by mergekit, run by mergekit."""
     check_output_dir(out, overwrite)
     parse_shard_size(shard_size)
-    if not path.is_file():
-        raise AlignError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise AlignError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    if not isinstance(raw, dict):
-        raise AlignError(f"{path}: expected a mergekit configuration (a mapping with merge_method)")
+    raw = load_yaml(path, "config file", "expected a mergekit configuration (a mapping with merge_method)")
     raw = resolve_config_models(raw)
     merge_config = validate_mergekit_config(raw, str(path))
     _check_config_models(merge_config, path)
