@@ -372,8 +372,6 @@ def run_pairs_stage(stage: PairsStage, pipeline: Pipeline, overwrite: bool) -> P
 def run_merge_stage(stage: MergeStage, pipeline: Pipeline, overwrite: bool) -> Path:
     """One merge, or a sweep: every candidate is merged and scored; the best becomes the stage's output and
     `sweep.json`/`sweep.png` beside it record every candidate's metrics."""
-    from align.artifacts import output_dir
-
     candidates = stage.candidates()
     out = pipeline.rundir / stage.name
     if len(candidates) == 1:
@@ -382,6 +380,15 @@ def run_merge_stage(stage: MergeStage, pipeline: Pipeline, overwrite: bool) -> P
         return result
     scratch = pipeline.rundir / f".{stage.name}.sweep"
     shutil.rmtree(scratch, ignore_errors=True)
+    try:  # the scratch dir goes whether the sweep finishes or a candidate fails
+        return keep_best_candidate(stage, out, overwrite, score_candidates(stage, pipeline, candidates, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def score_candidates(stage: MergeStage, pipeline: Pipeline, candidates: list[dict[str, Any]],
+                     scratch: Path) -> list[dict[str, Any]]:
+    """Merge every candidate into `scratch` and score it on the stage's selection metric."""
     scored = []
     for i, candidate in enumerate(candidates):
         path = merge_candidate(stage, pipeline, candidate, scratch / f"candidate-{i}", True)
@@ -390,6 +397,13 @@ def run_merge_stage(stage: MergeStage, pipeline: Pipeline, overwrite: bool) -> P
         scored.append({"candidate": candidate, "path": str(path), "metrics": metrics,
                        "score": selection_score(stage.select.metric, metrics)})  # type: ignore[union-attr]
         log.info("merge sweep %s: %s", candidate, scored[-1]["score"])
+    return scored
+
+
+def keep_best_candidate(stage: MergeStage, out: Path, overwrite: bool, scored: list[dict[str, Any]]) -> Path:
+    """Move the best-scoring candidate into the stage's output with sweep.json/sweep.png and the sweep in merge.json."""
+    from align.artifacts import output_dir
+
     best = max(range(len(scored)), key=lambda i: (scored[i]["score"], -i))
     with output_dir(out, overwrite=overwrite) as handle:
         shutil.rmtree(handle.path)
@@ -401,9 +415,7 @@ def run_merge_stage(stage: MergeStage, pipeline: Pipeline, overwrite: bool) -> P
         record = json.loads((handle.path / "merge.json").read_text())
         record["sweep"] = sweep
         (handle.path / "merge.json").unlink()
-        result = handle.commit("merge.json", record)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return result
+        return handle.commit("merge.json", record)
 
 
 def merge_candidate(stage: MergeStage, pipeline: Pipeline, candidate: dict[str, Any], out: Path,

@@ -149,3 +149,21 @@ def test_selection_score_is_a_weighted_sum_and_names_missing_metrics():
     assert selection_score({"seen/exact_match": 2.0, "facts/accuracy": 4.0}, metrics) == 2.0
     with pytest.raises(AlignError, match="selection metric unseen/x is not in the eval results"):
         selection_score({"unseen/x": 1.0}, metrics)
+
+
+def test_a_failing_sweep_candidate_leaves_no_scratch_and_no_output(tiny_model_dir, tmp_path, monkeypatch):
+    from align import pipeline as pl
+
+    recipe = load_pipeline(write_recipe(tmp_path, tiny_model_dir))
+    stage = next(s for s in recipe.stages if s.name == "merged")
+    run = pl.Pipeline(recipe, tmp_path / "run", "fp", {})
+
+    def merged_then_fail(stage, pipeline, candidate, out, overwrite):
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_text("half")
+        raise AlignError("candidate failed")
+
+    monkeypatch.setattr(pl, "merge_candidate", merged_then_fail)
+    with pytest.raises(AlignError, match="candidate failed"):
+        pl.run_merge_stage(stage, run, overwrite=True)
+    assert not (tmp_path / "run" / ".merged.sweep").exists() and not (tmp_path / "run" / "merged").exists()
