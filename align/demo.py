@@ -96,13 +96,18 @@ def _sentences(words: list[str], count: int, spec: PigLatinSpec, rng: random.Ran
 
 
 def pig_latin_sentences(spec: PigLatinSpec) -> dict[str, list[str]]:
-    """English sentences per split: `train`, `seen` (new sentences, training words), `unseen` (new words)."""
+    """English sentences per split: `train`, `seen` (new sentences, training words), `unseen` (new words), and
+    `dev-seen` / `dev-unseen`, disjoint from those, for choices made on held-out data (e.g. which merge to keep)
+    without touching the splits that are reported."""
     seen_vocab, unseen_vocab = vocabularies(spec)
     rng = random.Random(spec.seed + 1)
     train = _sentences(seen_vocab, spec.train_sentences, spec, rng, set())
     seen = _sentences(seen_vocab, spec.eval_sentences, spec, rng, set(train))
     unseen = _sentences(unseen_vocab, spec.eval_sentences, spec, rng, set())
-    return {"train": train, "seen": seen, "unseen": unseen}
+    # Drawn after the reported splits, so adding them left train/seen/unseen unchanged.
+    dev_seen = _sentences(seen_vocab, spec.eval_sentences, spec, rng, set(train) | set(seen))
+    dev_unseen = _sentences(unseen_vocab, spec.eval_sentences, spec, rng, set(unseen))
+    return {"train": train, "seen": seen, "unseen": unseen, "dev-seen": dev_seen, "dev-unseen": dev_unseen}
 
 
 def sft_example(sentence: str) -> dict[str, Any]:
@@ -130,7 +135,7 @@ def builtin_dataset(name: str, split: str = "train", spec: PigLatinSpec | None =
     """Rows of a built-in dataset: `pig-latin` (SFT conversations), `pig-latin-prefs` (preference pairs), or
     `reverse-words` (SFT conversations of a second skill over the same sentences).
 
-    Splits: train, seen, unseen.
+    Splits: train, seen, unseen, dev-seen, dev-unseen.
     """
     spec = spec or PigLatinSpec()
     builders = {"pig-latin": sft_example, "pig-latin-prefs": preference_example,

@@ -1,0 +1,59 @@
+"""The built-in Pig Latin data: the README's rules, deterministic splits, and held-out splits that really are."""
+
+import pytest
+
+from align.demo import PigLatinSpec, builtin_dataset, pig_latin, pig_latin_sentences, vocabularies
+from align.errors import AlignError
+
+
+@pytest.mark.parametrize("word,expected", [("the", "ethay"), ("string", "ingstray"), ("queen", "eenquay"),
+                                           ("rhythm", "ythmrhay"), ("eat", "eatway"), ("yellow", "ellowyay"),
+                                           ("squeal", "ealsquay"), ("a", "away")])
+def test_rules_from_the_readme(word, expected):
+    assert pig_latin(word) == expected
+
+
+def test_rejects_what_is_not_lower_case_words():
+    with pytest.raises(ValueError, match="not a lower-case"):
+        pig_latin("The cat")
+
+
+def test_splits_are_deterministic_and_held_out():
+    spec = PigLatinSpec(train_sentences=300, eval_sentences=40)
+    splits = pig_latin_sentences(spec)
+    assert splits == pig_latin_sentences(spec)
+    seen_vocab, unseen_vocab = vocabularies(spec)
+    assert not set(seen_vocab) & set(unseen_vocab)
+    train_words = {w for s in splits["train"] for w in s.split()}
+    for name in ("seen", "dev-seen"):
+        assert not set(splits[name]) & set(splits["train"])
+        assert {w for s in splits[name] for w in s.split()} <= set(seen_vocab)
+    assert not set(splits["seen"]) & set(splits["dev-seen"])
+    assert not set(splits["unseen"]) & set(splits["dev-unseen"])
+    for name in ("unseen", "dev-unseen"):
+        assert not {w for s in splits[name] for w in s.split()} & train_words
+    assert all(len(splits[name]) == 40 for name in ("seen", "unseen", "dev-seen", "dev-unseen"))
+
+
+def test_dev_splits_left_the_reported_splits_unchanged():
+    """The dev splits are drawn after the others, so runs measured before they existed stay comparable."""
+    import random
+
+    from align.demo import _sentences
+
+    spec = PigLatinSpec(train_sentences=300, eval_sentences=40)
+    seen_vocab, unseen_vocab = vocabularies(spec)
+    rng = random.Random(spec.seed + 1)
+    train = _sentences(seen_vocab, spec.train_sentences, spec, rng, set())
+    seen = _sentences(seen_vocab, spec.eval_sentences, spec, rng, set(train))
+    unseen = _sentences(unseen_vocab, spec.eval_sentences, spec, rng, set())
+    splits = pig_latin_sentences(spec)
+    assert (splits["train"], splits["seen"], splits["unseen"]) == (train, seen, unseen)
+
+
+def test_builtin_rows_carry_the_translation():
+    row = builtin_dataset("pig-latin", "unseen")[0]
+    english = row["messages"][0]["content"].split(": ", 1)[1]
+    assert row["messages"][1]["content"] == pig_latin(english)
+    with pytest.raises(AlignError, match="no split 'test'"):
+        builtin_dataset("pig-latin", "test")
