@@ -411,7 +411,7 @@ def keep_best_candidate(stage: MergeStage, out: Path, overwrite: bool, scored: l
         sweep = {"selected": scored[best]["candidate"], "select": stage.select.model_dump(),  # type: ignore[union-attr]
                  "candidates": [{k: v for k, v in s.items() if k != "path"} for s in scored]}
         write_json(handle.path / "sweep.json", sweep)
-        plot_sweep(handle.path / "sweep.png", scored)
+        plot_sweep(handle.path / "sweep.png", scored, best)
         record = json.loads((handle.path / "merge.json").read_text())
         record["sweep"] = sweep
         (handle.path / "merge.json").unlink()
@@ -501,14 +501,17 @@ def selection_score(metric: str | dict[str, float], metrics: dict[str, float]) -
     return sum(w * metrics[m] for m, w in weights.items())
 
 
-def plot_sweep(path: Path, scored: list[dict[str, Any]]) -> None:
+def plot_sweep(path: Path, scored: list[dict[str, Any]], best: int) -> None:
+    """Every metric and the selection score against the swept value; the title names the candidate kept."""
     xs = [next(iter(s["candidate"].values())) for s in scored]
     if not all(isinstance(x, int | float) for x in xs):
         xs = list(range(len(scored)))
     names = sorted({m for s in scored for m in s["metrics"]})
     series = {m: [(x, s["metrics"][m]) for x, s in zip(xs, scored) if not math.isnan(s["metrics"].get(m, math.nan))]
               for m in names}
-    plot_series(path, series, "merge sweep", xlabel=next(iter(scored[0]["candidate"])))
+    series["selection score"] = [(x, s["score"]) for x, s in zip(xs, scored)]
+    kept = ", ".join(f"{k}={v}" for k, v in scored[best]["candidate"].items())
+    plot_series(path, series, f"merge sweep (kept {kept})", xlabel=next(iter(scored[0]["candidate"])))
 
 
 # ---- eval and the run report -------------------------------------------------------------------------------------
