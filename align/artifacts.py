@@ -161,6 +161,15 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status in bytes (VmRSS, VmHWM, RssAnon, ...); Linux only. Benchmarks use it where
+    `peak_rss_bytes` is not enough: a baseline RSS to subtract, or the anonymous part without mmapped files."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no field {field}")
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -26,22 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from align.artifacts import proc_status_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("adapter", "precompute", "model")
-
-
-def vm_hwm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def vm_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def step_timer() -> Any:
@@ -69,7 +57,7 @@ def worker(mode: str, sft: Path, steps: int, batch: int, warmup: int, workdir: P
     from align.models import resolve_model
 
     resolve_model("smollm2-135m")  # converts the GGUF once (cached); not part of any mode's footprint
-    baseline = vm_rss_bytes()
+    baseline = proc_status_bytes("VmRSS")
     timer = step_timer()
     dpo.progress_callback = lambda total, enabled=True: timer  # the same hook point as the progress bar
     ref = f"model:{sft}" if mode == "model" else mode
@@ -88,8 +76,8 @@ def worker(mode: str, sft: Path, steps: int, batch: int, warmup: int, workdir: P
     result = {
         "mode": mode,
         "baseline_rss_bytes": baseline,
-        "peak_rss_bytes": vm_hwm_bytes(),
-        "peak_rss_above_baseline_bytes": vm_hwm_bytes() - baseline,
+        "peak_rss_bytes": proc_status_bytes("VmHWM"),
+        "peak_rss_above_baseline_bytes": proc_status_bytes("VmHWM") - baseline,
         "seconds_per_step": statistics.median(durations[warmup:]),
         "first_step_seconds": durations[0],
         "load_and_precompute_seconds": record["timings_s"]["load_model"],

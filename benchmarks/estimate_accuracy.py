@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from align.artifacts import proc_status_bytes  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Case:
@@ -118,13 +120,6 @@ def tiny_dir() -> Path:
 # ---- the measured run (child process) ----------------------------------------------------------------------------
 
 
-def proc_status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def long_text(words: int, seed: int) -> str:
     import random
 
@@ -141,7 +136,7 @@ def measure(case: Case, model_dir: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     torch.set_num_threads(2)
-    baseline = proc_status("VmRSS")
+    baseline = proc_status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
 
     kwargs: dict = {"dtype": torch.float32, "attn_implementation": case.attn}
@@ -151,7 +146,7 @@ def measure(case: Case, model_dir: str) -> dict:
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    after_load = proc_status("VmHWM") - baseline
+    after_load = proc_status_bytes("VmHWM") - baseline
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.bos_token
@@ -181,7 +176,7 @@ def measure(case: Case, model_dir: str) -> dict:
     lengths = [len(x) for x in trainer.train_dataset[: case.batch][column]] if column in columns else []
     start = time.perf_counter()
     trainer.train()
-    return {"baseline_rss": baseline, "peak_above_baseline": proc_status("VmHWM") - baseline,
+    return {"baseline_rss": baseline, "peak_above_baseline": proc_status_bytes("VmHWM") - baseline,
             "load_peak_above_baseline": after_load, "seconds": time.perf_counter() - start,
             "first_lengths": lengths}
 

@@ -29,12 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+from align.artifacts import proc_status_bytes  # noqa: E402
 
 
 class AnonymousPeak:
@@ -44,13 +39,13 @@ class AnonymousPeak:
     def __init__(self) -> None:
         import threading
 
-        self.peak = rss_bytes("RssAnon")
+        self.peak = proc_status_bytes("RssAnon")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_bytes("RssAnon"))
+            self.peak = max(self.peak, proc_status_bytes("RssAnon"))
 
     def __enter__(self) -> AnonymousPeak:
         self._thread.start()
@@ -107,7 +102,7 @@ def child(task: str, paths: dict[str, str], out: Path) -> dict[str, float]:
     from merge.run import MergeRequest, run_merge_request
 
     shutil.rmtree(out, ignore_errors=True)
-    baseline, anon_baseline = rss_bytes(), rss_bytes("RssAnon")
+    baseline, anon_baseline = proc_status_bytes("VmRSS"), proc_status_bytes("RssAnon")
     sampler = AnonymousPeak().__enter__()
     start = time.perf_counter()
     if task == "slerp-cli":

@@ -25,15 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from align.artifacts import proc_status_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("trl-same", "align-same", "trl-defaults", "align-defaults")
-
-
-def vm_hwm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def step_timer() -> Any:
@@ -128,11 +123,11 @@ def worker(config: str, steps: int, rows: int, batch: int, warmup: int) -> None:
 
     import torch
 
-    baseline = vm_hwm_bytes()
+    baseline = proc_status_bytes("VmHWM")
     with tempfile.TemporaryDirectory() as tmp:
         runner = run_trl if config.startswith("trl") else run_align
         result = runner(config, steps, rows, batch, warmup, Path(tmp))
-    result.update(config=config, peak_rss_bytes=vm_hwm_bytes(), baseline_rss_bytes=baseline,
+    result.update(config=config, peak_rss_bytes=proc_status_bytes("VmHWM"), baseline_rss_bytes=baseline,
                   threads=torch.get_num_threads())
     print("RESULT " + json.dumps(result))
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from align.artifacts import is_complete, output_dir
+from align.artifacts import is_complete, output_dir, proc_status_bytes
 from align.errors import AlignError
 from align.sft import run_sft
 from test_sft import recipe, toy_data
@@ -56,3 +56,12 @@ def test_a_dir_without_its_record_is_incomplete_and_a_failed_command_leaves_noth
         assert not is_complete(handle.path)
         handle.commit("run.json", {"ok": True})
     assert is_complete(tmp_path / "o") and not (tmp_path / "o.partial").exists()
+
+
+def test_proc_status_bytes_reads_memory_fields_and_names_a_missing_one():
+    before = proc_status_bytes("VmRSS")
+    block = b"x" * (64 * 2**20)  # written, so resident
+    assert proc_status_bytes("VmRSS") >= before + len(block) // 2
+    assert proc_status_bytes("VmHWM") >= proc_status_bytes("VmRSS")
+    with pytest.raises(RuntimeError, match="no field VmNope"):
+        proc_status_bytes("VmNope")
