@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from align import __version__
-from align.clitools import debug_option, handle_errors
+from align.core.clitools import debug_option, handle_errors
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -144,7 +144,7 @@ def sft(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
     relaunch_if_asked(kw.get("num_processes"))
     from trl import SFTConfig
 
-    from align.config import SFTRecipe, build_recipe
+    from align.core.config import SFTRecipe, build_recipe
 
     flags = training_flags(kw)
     flags.update({"data.loss_on": kw.get("loss_on"), "train.neftune_noise_alpha": kw.get("neftune"),
@@ -153,7 +153,7 @@ def sft(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
     if dry_run:
         click.echo(dry_run_plan(built, "sft"))
         return
-    from align.sft import run_sft
+    from align.train.sft import run_sft
 
     out = run_sft(built)
     report_written("adapter", out)
@@ -184,7 +184,7 @@ def dpo(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
     relaunch_if_asked(kw.get("num_processes"))
     from trl import DPOConfig
 
-    from align.config import DPORecipe, build_recipe
+    from align.core.config import DPORecipe, build_recipe
 
     flags = training_flags(kw)
     loss_type = kw.get("loss_type")
@@ -203,7 +203,7 @@ def dpo(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
     if dry_run:
         click.echo(dry_run_plan(built, "dpo", built.ref))
         return
-    from align.dpo import run_dpo
+    from align.train.dpo import run_dpo
 
     out = run_dpo(built)
     report_written("adapter", out)
@@ -211,7 +211,7 @@ def dpo(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
 
 def report_written(what: str, out: Any) -> None:
     """Say where the artifact went, once (not from every process of a distributed run)."""
-    from align.runtime import is_main_process
+    from align.core.runtime import is_main_process
 
     if is_main_process():
         click.echo(f"{what} written to {out}")
@@ -223,13 +223,13 @@ def relaunch_if_asked(num_processes: int | None) -> None:
     import sys
 
     if num_processes and num_processes > 1 and os.environ.get("ALIGNMERGE_LAUNCHED") != "1":
-        from align.runtime import relaunch_with_accelerate
+        from align.core.runtime import relaunch_with_accelerate
 
         sys.exit(relaunch_with_accelerate(num_processes))
 
 
 def dry_run_plan(recipe: Any, stage: str, ref: str | None = None) -> str:
-    from align.estimate import format_plan, plan_from_recipe
+    from align.train.estimate import format_plan, plan_from_recipe
 
     return format_plan(plan_from_recipe(recipe, stage, ref))
 
@@ -251,8 +251,8 @@ def data() -> None:
 def inspect(source: str, model: str, fmt: str | None, split: str | None, limit: int | None, loss_on: str,
             debug: bool) -> None:
     """Detected format, row count, token-length stats, and one example with its loss tokens in [[ ]]."""
-    from align.data import inspect_data
-    from align.models import load_tokenizer, resolve_model
+    from align.core.data import inspect_data
+    from align.core.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(model))
     report = inspect_data(source, tokenizer, fmt, split, limit, loss_on)  # type: ignore[arg-type]
@@ -282,7 +282,7 @@ def run(recipe: str, output: str | None, start_from: str | None, only: str | Non
     """Run a recipe's stages in order (sft, pairs, dpo, merge, eval), skipping the ones already up to date."""
     from pathlib import Path
 
-    from align.pipeline import load_pipeline, run_pipeline
+    from align.pipeline.run import load_pipeline, run_pipeline
 
     pipeline = load_pipeline(recipe, sets)
     rundir = Path(output) if output else Path("runs") / Path(recipe).stem

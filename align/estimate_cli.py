@@ -6,14 +6,14 @@ from typing import Any
 
 import click
 
-from align.clitools import debug_option, handle_errors
-from align.errors import AlignError
-from align.estimate import Plan, TrainSetup, format_plan, load_shape, parse_size, plan_json, plan_with_budget
+from align.core.clitools import debug_option, handle_errors
+from align.core.errors import AlignError
+from align.train.estimate import Plan, TrainSetup, format_plan, load_shape, parse_size, plan_json, plan_with_budget
 
 
 def estimate(model: str, budget: str | None = None, dtype: str = "auto", device: str = "auto", **settings: Any) -> Plan:
     """Plan `model` with the given settings (TrainSetup field names); what the command and tests call."""
-    from align.models import pick_precision
+    from align.core.models import pick_precision
 
     if device == "auto":
         import torch

@@ -51,8 +51,8 @@ def tokens_per_second(record: dict[str, Any]) -> float:
 
 def checkpoint_cost(model: str, tmp: Path) -> dict[str, float]:
     """Time the Trainer's own checkpoint save from inside a run: on_step_end (save requested) to on_save."""
-    import align.sft as sft_module
-    from align.config import SFTRecipe
+    import align.train.sft as sft_module
+    from align.core.config import SFTRecipe
     from transformers import TrainerCallback
 
     marks: list[float] = []
@@ -83,7 +83,7 @@ def checkpoint_cost(model: str, tmp: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    from align.artifacts import machine_info
+    from align.core.artifacts import machine_info
 
     results: dict[str, Any] = {"machine": machine_info()}
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.artifacts import proc_status_bytes
+from align.core.artifacts import proc_status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("adapter", "precompute", "model")
@@ -52,9 +52,9 @@ def step_timer() -> Any:
 def worker(mode: str, sft: Path, steps: int, batch: int, warmup: int, workdir: Path) -> dict[str, Any]:
     import torch
 
-    import align.dpo as dpo
-    from align.config import DPORecipe
-    from align.models import resolve_model
+    import align.train.dpo as dpo
+    from align.core.config import DPORecipe
+    from align.core.models import resolve_model
 
     resolve_model("smollm2-135m")  # converts the GGUF once (cached); not part of any mode's footprint
     baseline = proc_status_bytes("VmRSS")
@@ -94,7 +94,7 @@ def weight_bytes() -> tuple[int, int]:
     """(parameters, bytes) of one copy of the embedded model's weights as training loads them."""
     from safetensors import safe_open
 
-    from align.models import resolve_model
+    from align.core.models import resolve_model
 
     base = Path(resolve_model("smollm2-135m").base)
     params = nbytes = 0
@@ -112,8 +112,8 @@ def weight_bytes() -> tuple[int, int]:
 
 def make_sft_adapter(workdir: Path) -> Path:
     """A short SFT run: memory and step time depend on the adapter's shape, not on how well it was trained."""
-    from align.config import SFTRecipe
-    from align.sft import run_sft
+    from align.core.config import SFTRecipe
+    from align.train.sft import run_sft
 
     out = workdir / "sft"
     if (out / "run.json").is_file():
@@ -158,7 +158,7 @@ def main() -> None:
         results[mode] = json.loads(lines[-1].removeprefix("RESULT "))
         print(f"{mode}: {results[mode]}", file=sys.stderr)
 
-    from align.artifacts import machine_info
+    from align.core.artifacts import machine_info
 
     params, nbytes = weight_bytes()
     base = results["model"]

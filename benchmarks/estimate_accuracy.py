@@ -7,7 +7,7 @@ baseline VmRSS) is compared with the planner's prediction for the same settings.
 
     .venv/bin/python benchmarks/estimate_accuracy.py [--quick] [--out benchmarks/estimate_accuracy.json]
 
-Uses TRL's trainers directly (align.sft does not exist yet): `bf16=True` on CPU is accelerate's bf16 autocast over
+Uses TRL's trainers directly (align.train.sft does not exist yet): `bf16=True` on CPU is accelerate's bf16 autocast over
 fp32 weights, which is what `--dtype auto` resolves to on this machine.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from align.artifacts import proc_status_bytes  # noqa: E402
+from align.core.artifacts import proc_status_bytes  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ HELD_OUT = [
 
 
 def smollm2_dir() -> Path:
-    """The embedded model's safetensors dir; converted here when align.models cannot (see benchmarks/RESULTS.md)."""
-    from align.models import cache_root, embedded_gguf_path, resolve_model
+    """The embedded model's safetensors dir; converted here when align.core.models cannot (see benchmarks/RESULTS.md)."""
+    from align.core.models import cache_root, embedded_gguf_path, resolve_model
 
     try:
         return Path(resolve_model("smollm2-135m").base)
@@ -102,7 +102,7 @@ def smollm2_dir() -> Path:
 
 def tiny_dir() -> Path:
     """A 4-layer Llama, hidden 512, with the tests' character tokenizer: small enough that fixed costs show."""
-    from align.models import cache_root
+    from align.core.models import cache_root
 
     target = cache_root() / "estimate-bench" / "tiny-h512"
     if (target / "model.safetensors").is_file():
@@ -185,7 +185,7 @@ def measure(case: Case, model_dir: str) -> dict:
 
 
 def predict(case: Case, model_dir: Path):
-    from align.estimate import TrainSetup, load_shape, plan_memory
+    from align.train.estimate import TrainSetup, load_shape, plan_memory
 
     setup = TrainSetup(stage=case.stage, device="cpu", weights_dtype="float32", autocast=True,
                        quantize=case.quantize, lora_r=16 if case.lora else None, lora_dropout=0.05,
@@ -228,7 +228,7 @@ def compare() -> list[dict]:
     """The planner beside `accelerate estimate-memory` and the published figures users quote."""
     import tempfile
 
-    from align.estimate import TrainSetup, load_shape, plan_memory
+    from align.train.estimate import TrainSetup, load_shape, plan_memory
 
     llama = Path(tempfile.mkdtemp()) / "llama-2-7b"
     llama.mkdir()
@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="only the comparison with accelerate and published figures")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "estimate_accuracy.json"))
     args = parser.parse_args()
-    from align.artifacts import machine_info
+    from align.core.artifacts import machine_info
 
     if args.repredict:
         repredict(Path(args.repredict), Path(args.out))

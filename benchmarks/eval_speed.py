@@ -14,10 +14,10 @@ import json
 import sys
 import time
 
-from align.artifacts import machine_info, package_versions
-from align.data import render_chat
-from align.demo import builtin_dataset
-from align.models import EMBEDDED_ALIAS, pick_precision, resolve_model
+from align.core.artifacts import machine_info, package_versions
+from align.core.data import render_chat
+from align.core.demo import builtin_dataset
+from align.core.models import EMBEDDED_ALIAS, pick_precision, resolve_model
 from eval.generate import LoadedModel, generate_texts, load_for_eval
 from eval.suites import GenerationSpec
 

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from align.artifacts import proc_status_bytes  # noqa: E402
+from align.core.artifacts import proc_status_bytes  # noqa: E402
 
 
 class AnonymousPeak:
@@ -64,7 +64,7 @@ def prepare(work: Path) -> dict[str, str]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.models import resolve_model
+    from align.core.models import resolve_model
 
     base = Path(resolve_model("smollm2-135m").base)
     other = work / "smollm2-noisy"
@@ -164,7 +164,7 @@ def main() -> None:
             print(f"  {task:20s} {runs[task][-1]['seconds']:7.2f} s  peak RSS "
                   f"{runs[task][-1]['peak_rss_bytes'] / 2**20:7.0f} MiB", file=sys.stderr)
 
-    from align.artifacts import machine_info, package_versions
+    from align.core.artifacts import machine_info, package_versions
 
     model_bytes = sum(f.stat().st_size for f in Path(paths["base"]).glob("*.safetensors"))
     cli, direct = median_of(runs["slerp-cli"], "seconds"), median_of(runs["slerp-mergekit"], "seconds")

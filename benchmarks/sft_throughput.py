@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.artifacts import proc_status_bytes
+from align.core.artifacts import proc_status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("trl-same", "align-same", "trl-defaults", "align-defaults")
@@ -56,7 +56,7 @@ def rates(marks: list[tuple[float, int]], start: float, warmup: int) -> dict[str
 
 
 def prompt_completion_rows(rows: int) -> list[dict[str, Any]]:
-    from align.demo import builtin_dataset
+    from align.core.demo import builtin_dataset
 
     data = builtin_dataset("pig-latin", "train")[:rows]
     return [{"prompt": [r["messages"][0]], "completion": [r["messages"][1]]} for r in data]
@@ -69,7 +69,7 @@ def run_trl(config: str, steps: int, rows: int, batch: int, warmup: int, workdir
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from align.models import load_tokenizer, resolve_model
+    from align.core.models import load_tokenizer, resolve_model
 
     resolved = resolve_model("smollm2-135m")
     tokenizer = load_tokenizer(resolved)
@@ -78,7 +78,7 @@ def run_trl(config: str, steps: int, rows: int, batch: int, warmup: int, workdir
                   include_num_input_tokens_seen="non_padding", learning_rate=2e-4, use_cpu=True)
     if config == "trl-same":
         # exactly what align-same resolves to on this machine
-        from align.models import pick_precision
+        from align.core.models import pick_precision
 
         bf16 = pick_precision("auto").bf16_autocast
         args = SFTConfig(**common, bf16=bf16, gradient_checkpointing=False, torch_compile=False, max_length=1024,
@@ -98,8 +98,8 @@ def run_trl(config: str, steps: int, rows: int, batch: int, warmup: int, workdir
 
 
 def run_align(config: str, steps: int, rows: int, batch: int, warmup: int, workdir: Path) -> dict[str, Any]:
-    import align.sft as sft
-    from align.config import SFTRecipe
+    import align.train.sft as sft
+    from align.core.config import SFTRecipe
 
     timer = step_timer()
     real = sft.progress_callback
@@ -160,8 +160,8 @@ def main() -> None:
         worker(args.worker, args.steps, args.rows, args.batch, args.warmup)
         return
 
-    from align.artifacts import machine_info
-    from align.models import resolve_model
+    from align.core.artifacts import machine_info
+    from align.core.models import resolve_model
 
     resolve_model("smollm2-135m")  # convert once, outside the timed runs
     results: list[dict[str, Any]] = []

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from align.clitools import debug_option, handle_errors
-from align.errors import AlignError
+from align.core.clitools import debug_option, handle_errors
+from align.core.errors import AlignError
 from eval.suites import builtin_suites
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from align.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, pick_precision
+from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, pick_precision
 from eval.suites import GenerationSpec
 
 Progress = Callable[[int], None]

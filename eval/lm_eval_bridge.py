@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from align.errors import MissingDependencyError
+from align.core.errors import MissingDependencyError
 from eval.generate import LoadedModel
 
 

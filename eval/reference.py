@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.errors import AlignError
-from align.models import ResolvedModel, resolve_model
+from align.core.errors import AlignError
+from align.core.models import ResolvedModel, resolve_model
 
 log = logging.getLogger(__name__)
 

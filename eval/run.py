@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.artifacts import Timer, check_output_dir, machine_info, output_dir, package_versions, peak_memory
-from align.errors import AlignError
-from align.models import EMBEDDED_ALIAS, ResolvedModel, resolve_model
+from align.core.artifacts import Timer, check_output_dir, machine_info, output_dir, package_versions, peak_memory
+from align.core.errors import AlignError
+from align.core.models import EMBEDDED_ALIAS, ResolvedModel, resolve_model
 from eval.generate import LoadedModel, free, load_for_eval, progress_bar
 from eval.reference import ReferencePlan, activate_reference, plan_reference
 from eval.report import compute_deltas, plot_report, render_markdown, write_samples

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 from eval.suites import METRICS_DIR, shipped_metrics
 
 BOOTSTRAP_RESAMPLES = 1000

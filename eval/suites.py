@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from align.errors import AlignError, did_you_mean
+from align.core.errors import AlignError, did_you_mean
 
 BUILTIN_SUITES_DIR = Path(__file__).parent / "builtin"
 METRICS_DIR = Path(__file__).parent / "metrics"

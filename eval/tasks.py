@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from align.data import DataError, check_messages, read_rows, render_chat
+from align.core.data import DataError, check_messages, read_rows, render_chat
 from eval.generate import LoadedModel, Progress, context_continuation_ids, generate_texts, score_spans
 from eval.scoring import MetricLoader, MetricValue, compute_text_metric, mean_value, perplexity_value
 from eval.suites import GenerationSpec, TaskSpec

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 UNSUPPORTED = {"use_dora": "DoRA", "modules_to_save": "modules_to_save", "rank_pattern": "rank_pattern",

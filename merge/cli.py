@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from align.clitools import comma_floats, debug_option, handle_errors
+from align.core.clitools import comma_floats, debug_option, handle_errors
 from merge.methods import MergeParams
 from merge.run import MergeRequest, run_config_file, run_merge_request
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.errors import AlignError
-from align.models import ResolvedModel, resolve_model
+from align.core.errors import AlignError
+from align.core.models import ResolvedModel, resolve_model
 
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 

@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import yaml
 
-from align.artifacts import Timer, check_output_dir, machine_info, output_dir, package_versions, peak_memory
-from align.config import load_yaml
-from align.errors import AlignError, did_you_mean
-from align.models import EMBEDDED_ALIAS, dir_fingerprint, resolve_model
+from align.core.artifacts import Timer, check_output_dir, machine_info, output_dir, package_versions, peak_memory
+from align.core.config import load_yaml
+from align.core.errors import AlignError, did_you_mean
+from align.core.models import EMBEDDED_ALIAS, dir_fingerprint, resolve_model
 from merge import adapters as lora
 from merge import inputs as checks
 from merge.inputs import MergeInput

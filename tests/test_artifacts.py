@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from align.artifacts import is_complete, output_dir, proc_status_bytes
-from align.errors import AlignError
-from align.sft import run_sft
+from align.core.artifacts import is_complete, output_dir, proc_status_bytes
+from align.core.errors import AlignError
+from align.train.sft import run_sft
 from test_sft import recipe, toy_data
 
 

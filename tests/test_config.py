@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from trl import SFTConfig
 
-from align.config import SFTRecipe, build_recipe, parse_set
-from align.errors import AlignError
+from align.core.config import SFTRecipe, build_recipe, parse_set
+from align.core.errors import AlignError
 
 
 def write(tmp_path, text):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from align.data import (
+from align.core.data import (
     DataError, fingerprint_rows, inspect_data, load_sft_data, read_rows, tokenize_conversation, tokenize_text,
 )
-from align.errors import AlignError
+from align.core.errors import AlignError
 from conftest import write_jsonl
 
 IM_START, IM_END = 2, 3  # the char tokenizer's special-token ids

@@ -2,8 +2,8 @@
 
 import pytest
 
-from align.demo import PigLatinSpec, builtin_dataset, pig_latin, pig_latin_sentences, vocabularies
-from align.errors import AlignError
+from align.core.demo import PigLatinSpec, builtin_dataset, pig_latin, pig_latin_sentences, vocabularies
+from align.core.errors import AlignError
 
 
 @pytest.mark.parametrize("word,expected", [("the", "ethay"), ("string", "ingstray"), ("queen", "eenquay"),
@@ -39,7 +39,7 @@ def test_dev_splits_left_the_reported_splits_unchanged():
     """The dev splits are drawn after the others, so runs measured before they existed stay comparable."""
     import random
 
-    from align.demo import _sentences
+    from align.core.demo import _sentences
 
     spec = PigLatinSpec(train_sentences=300, eval_sentences=40)
     seen_vocab, unseen_vocab = vocabularies(spec)

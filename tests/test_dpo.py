@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
-import align.dpo
+import align.train.dpo
 from align.cli import main
-from align.config import DPORecipe, SFTRecipe
-from align.dpo import LengthLimitedCollator, run_dpo, step0_loss
-from align.errors import AlignError
-from align.sft import run_sft
+from align.core.config import DPORecipe, SFTRecipe
+from align.train.dpo import LengthLimitedCollator, run_dpo, step0_loss
+from align.core.errors import AlignError
+from align.train.sft import run_sft
 
 PAIRS = [("flip ab", "ba", "ab"), ("flip cd", "dc", "cd"), ("flip ef", "fe", "ef"), ("flip gh", "hg", "gh")]
 
@@ -107,14 +107,14 @@ def test_step0_check_fails_when_the_reference_is_the_base_instead_of_the_sft_ada
     """The classic silent failure: the policy starts from the SFT adapter while the reference forward runs with
     adapters disabled (the base). Built here by dropping TRL's frozen "ref" adapter, which makes TRL fall back to
     disabling adapters for its reference forward."""
-    prepare = align.dpo.prepare_reference
+    prepare = align.train.dpo.prepare_reference
 
     def drop_reference_adapter(trainer, reference):
         prepare(trainer, reference)
         trainer.model.delete_adapter("ref")
         trainer.model.set_adapter("default")
 
-    monkeypatch.setattr(align.dpo, "prepare_reference", drop_reference_adapter)
+    monkeypatch.setattr(align.train.dpo, "prepare_reference", drop_reference_adapter)
     with pytest.raises(AlignError, match=r"step-0 reference check failed for --ref adapter.*not the model the policy"):
         run_dpo(recipe(tiny_model_dir, prefs(tmp_path), tmp_path / "out", sft_adapter), progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

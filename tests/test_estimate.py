@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
-from align.estimate import (
+from align.train.estimate import (
     HEAD_FP32_TEMPORARIES_CPU,
     GiB,
     MiB,
@@ -221,7 +221,7 @@ def test_70b_config_plans_without_weights(tmp_path):
 
 
 def test_plan_from_recipe_uses_the_recipe_settings(tiny_model_dir):
-    from align.config import LoraSpec, ModelSpec, SFTRecipe
+    from align.core.config import LoraSpec, ModelSpec, SFTRecipe
 
     recipe = SFTRecipe(model=ModelSpec(name=str(tiny_model_dir), dtype="float32", attn="eager"),
                        lora=LoraSpec(r=4, target_modules=["q_proj"]),
@@ -265,7 +265,7 @@ def _term(plan, name: str) -> int:
 
 
 def test_recipe_checkpointing_auto_turns_on_only_when_the_plan_does_not_fit(tiny_model_dir):
-    from align.config import ModelSpec, SFTRecipe
+    from align.core.config import ModelSpec, SFTRecipe
 
     recipe = SFTRecipe(model=ModelSpec(name=str(tiny_model_dir), dtype="float32"),
                        train={"per_device_train_batch_size": 4, "max_length": 256})
@@ -276,7 +276,7 @@ def test_recipe_checkpointing_auto_turns_on_only_when_the_plan_does_not_fit(tiny
 
 
 def test_optimizer_step_temporaries_by_device(shape):
-    from align.estimate import optimizer_step_temporaries
+    from align.train.estimate import optimizer_step_temporaries
 
     cuda = fp32(device="cuda")
     assert optimizer_step_temporaries(cuda, shape, TOTAL, 4) == 4 * TOTAL  # foreach: every parameter at once

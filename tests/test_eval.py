@@ -11,8 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from align.errors import AlignError
-from align.models import resolve_model
+from align.core.errors import AlignError
+from align.core.models import resolve_model
 from conftest import write_jsonl
 from eval.cli import eval_command
 from eval.generate import context_continuation_ids, generate_texts, load_for_eval

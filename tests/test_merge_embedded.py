@@ -21,7 +21,7 @@ def smol_adapters(tmp_path_factory) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from align.models import EMBEDDED_ALIAS, resolve_model
+    from align.core.models import EMBEDDED_ALIAS, resolve_model
 
     base = resolve_model(EMBEDDED_ALIAS).base
     paths = []
@@ -86,7 +86,7 @@ def test_config_file_may_name_the_embedded_alias(tmp_path):
     out = tmp_path / "same"
     result = CliRunner().invoke(main, ["config", str(config), "-o", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    from align.models import EMBEDDED_ALIAS, resolve_model
+    from align.core.models import EMBEDDED_ALIAS, resolve_model
 
     original = load_file(str(Path(resolve_model(EMBEDDED_ALIAS).base) / "model.safetensors"))
     merged = load_file(str(out / "model.safetensors"))

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from align import models
-from align.errors import AlignError
-from align.models import (
+from align.core import models
+from align.core.errors import AlignError
+from align.core.models import (
     CHATML_TOKENS, LoadOptions, load_model, load_tokenizer, pick_precision, resolve_model,
 )
 

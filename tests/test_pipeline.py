@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from align.cli import main
-from align.errors import AlignError
-from align.pipeline import load_pipeline, run_pipeline, selection_score
+from align.core.errors import AlignError
+from align.pipeline.run import load_pipeline, run_pipeline, selection_score
 
 SUITE = """name: tiny
 tasks:
@@ -152,7 +152,7 @@ def test_selection_score_is_a_weighted_sum_and_names_missing_metrics():
 
 
 def test_a_failing_sweep_candidate_leaves_no_scratch_and_no_output(tiny_model_dir, tmp_path, monkeypatch):
-    from align import pipeline as pl
+    from align.pipeline import run as pl
 
     recipe = load_pipeline(write_recipe(tmp_path, tiny_model_dir))
     stage = next(s for s in recipe.stages if s.name == "merged")

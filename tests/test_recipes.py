@@ -50,7 +50,7 @@ def test_every_recipe_file_is_covered_here():
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
 def test_pipeline_recipes_validate_and_name_their_command(path):
-    from align.pipeline import load_pipeline
+    from align.pipeline.run import load_pipeline
 
     assert first_comment(path).startswith(f"align run recipes/{path.name}")
     recipe = load_pipeline(path)
@@ -61,7 +61,7 @@ def test_pipeline_recipes_validate_and_name_their_command(path):
 def test_training_recipes_validate_against_trl(name, stage):
     from trl import DPOConfig, SFTConfig
 
-    from align.config import DPORecipe, SFTRecipe, build_recipe
+    from align.core.config import DPORecipe, SFTRecipe, build_recipe
 
     path = RECIPES / name
     assert f"-m align.cli {stage} recipes/{name}" in first_comment(path)

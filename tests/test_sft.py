@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from align import training
+from align.train import training
 from align.cli import main
-from align.config import SFTRecipe
-from align.sft import run_sft
+from align.core.config import SFTRecipe
+from align.train.sft import run_sft
 from conftest import write_jsonl
 
 ANSWERS = [("ab", "ba"), ("cd", "dc"), ("ef", "fe"), ("gh", "hg")]
@@ -155,11 +155,11 @@ def test_resume_after_a_crash_ends_with_the_same_adapter(tiny_model_dir, tmp_pat
         return callback
 
     out = tmp_path / "run"
-    monkeypatch.setattr("align.sft.progress_callback", crashing_callback)
+    monkeypatch.setattr("align.train.sft.progress_callback", crashing_callback)
     with pytest.raises(CrashAtStep):
         run_sft(recipe(tiny_model_dir, data, out, max_steps=6, save_steps=2), progress=False)
     assert not out.exists() and (tmp_path / "run.partial" / "checkpoint-4").is_dir()
-    monkeypatch.setattr("align.sft.progress_callback", real_callback)
+    monkeypatch.setattr("align.train.sft.progress_callback", real_callback)
 
     resumed_recipe = recipe(tiny_model_dir, data, out, max_steps=6, save_steps=2).model_copy(update={"resume": True})
     resumed = run_sft(resumed_recipe, progress=False)
@@ -207,8 +207,8 @@ def test_packing_trains_on_blocks(tiny_model_dir, tmp_path):
 def test_embedded_model_learns_pig_latin_and_adapter_changes_output(tmp_path):
     from peft import AutoPeftModelForCausalLM
 
-    from align.demo import PROMPT, pig_latin
-    from align.models import load_model, load_tokenizer, resolve_model
+    from align.core.demo import PROMPT, pig_latin
+    from align.core.models import load_model, load_tokenizer, resolve_model
 
     spec = SFTRecipe.model_validate({
         "model": {"name": "smollm2-135m", "compile": False},

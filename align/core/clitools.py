@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 
 def is_main_process() -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from align.errors import AlignError, MissingDependencyError
+from align.core.errors import AlignError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 

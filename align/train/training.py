@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from align.artifacts import OutputDir, machine_info, package_versions, peak_memory, plot_series
-from align.config import LoraSpec, ModelSpec, TrainRecipe, recipe_dict
-from align.errors import AlignError
-from align.models import Precision, ResolvedModel, model_summary, pick_precision
+from align.core.artifacts import OutputDir, machine_info, package_versions, peak_memory, plot_series
+from align.core.config import LoraSpec, ModelSpec, TrainRecipe, recipe_dict
+from align.core.errors import AlignError
+from align.core.models import Precision, ResolvedModel, model_summary, pick_precision
 
 
 
@@ -62,7 +62,7 @@ def check_lora_compatibility(recipe: TrainRecipe) -> None:
 
 def check_run_inputs(recipe: TrainRecipe) -> Path:
     """The output dir and flag combinations a training command can refuse before loading anything."""
-    from align.artifacts import check_output_dir
+    from align.core.artifacts import check_output_dir
 
     if not recipe.output:
         raise AlignError("no output dir: pass --output DIR")
@@ -142,7 +142,7 @@ def checkpointing_needed(recipe: TrainRecipe | None, stage: str, ref: str | None
     without it (the same plan `--dry-run` prints)."""
     if recipe is None:
         return False, "off: no plan to go by (turn on with --gradient-checkpointing)"
-    from align.estimate import available_memory, human, plan_from_recipe
+    from align.train.estimate import available_memory, human, plan_from_recipe
 
     try:
         plan = plan_from_recipe(recipe, stage, ref)  # type: ignore[arg-type]
@@ -314,8 +314,8 @@ class TrainingRun:
 def training_run(recipe: TrainRecipe, out: Path) -> Iterator[TrainingRun]:
     """The output dir (kept after a crash once it holds a checkpoint), SIGINT/SIGTERM turned into a clean stop,
     and the last complete checkpoint when resuming. Only the main process of a distributed run writes."""
-    from align.artifacts import output_dir
-    from align.runtime import GracefulStop, is_main_process
+    from align.core.artifacts import output_dir
+    from align.core.runtime import GracefulStop, is_main_process
 
     writer = is_main_process()
     stop = GracefulStop()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 VOWELS = frozenset("aeiou")
 PROMPT = "Translate to Pig Latin: {sentence}"
@@ -141,7 +141,7 @@ def builtin_dataset(name: str, split: str = "train", spec: PigLatinSpec | None =
     builders = {"pig-latin": sft_example, "pig-latin-prefs": preference_example,
                 "reverse-words": reverse_words_example}
     if name not in builders:
-        from align.errors import did_you_mean
+        from align.core.errors import did_you_mean
 
         raise AlignError(f"unknown built-in dataset '{name}'{did_you_mean(name, list(builders))} "
                          f"(available: {', '.join(builders)})")

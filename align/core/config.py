@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from align.errors import AlignError, did_you_mean
+from align.core.errors import AlignError, did_you_mean
 
 
 class Section(BaseModel):

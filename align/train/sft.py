@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.artifacts import Timer, partial_dir
-from align.config import SFTRecipe
-from align.data import fingerprint_rows, load_sft_data, tokenize_sft_rows
-from align.errors import AlignError
-from align.models import LoadOptions, load_model, load_tokenizer, resolve_model, template_contract
-from align.training import (
+from align.core.artifacts import Timer, partial_dir
+from align.core.config import SFTRecipe
+from align.core.data import fingerprint_rows, load_sft_data, tokenize_sft_rows
+from align.core.errors import AlignError
+from align.core.models import LoadOptions, load_model, load_tokenizer, resolve_model, template_contract
+from align.train.training import (
     attach_lora, check_run_inputs, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
     log_series, plan_machine, progress_callback, quiet_trainer, run_record, train, trainer_arguments, training_run,
 )

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from align.artifacts import Timer, partial_dir
-from align.config import DPORecipe
-from align.data import fingerprint_rows, load_preference_data
-from align.errors import AlignError
-from align.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
-from align.training import (
+from align.core.artifacts import Timer, partial_dir
+from align.core.config import DPORecipe
+from align.core.data import fingerprint_rows, load_preference_data
+from align.core.errors import AlignError
+from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
+from align.train.training import (
     attach_lora, check_run_inputs, estimated_steps, final_metrics, finish_training, log_series, lora_config,
     evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer, run_record, train,
     trainer_arguments, training_run,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 VERSIONED_PACKAGES = ("alignmerge", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes",
                       "mergekit", "evaluate", "safetensors", "gguf")

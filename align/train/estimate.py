@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 Stage = Literal["sft", "dpo"]
@@ -173,7 +173,7 @@ def load_shape(spec: str) -> ModelShape:
     (and the embedded alias) are read for their metadata only, without the one-time conversion to safetensors."""
     from transformers import AutoConfig
 
-    from align.models import EMBEDDED_ALIAS, embedded_gguf_path, resolve_model
+    from align.core.models import EMBEDDED_ALIAS, embedded_gguf_path, resolve_model
 
     path = Path(spec).expanduser()
     kwargs: dict[str, Any] = {}
@@ -620,7 +620,7 @@ def setup_from_recipe(recipe: Any, stage: Stage, ref: str | None = None, device:
                       full: bool = False) -> TrainSetup:
     """The setup `align sft` / `align dpo` would run with: precision resolved as the run resolves it.
     `gradient_checkpointing: auto` is planned off here; `plan_from_recipe` turns it on when that does not fit."""
-    from align.models import pick_precision
+    from align.core.models import pick_precision
 
     device = device or _default_device()
     precision = pick_precision(recipe.model.dtype, device)

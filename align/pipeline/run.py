@@ -21,9 +21,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from align.artifacts import is_complete, plot_series, write_json
-from align.config import DataSpec, LoraSpec, ModelSpec, Section, load_yaml, parse_set, set_path, validate
-from align.errors import AlignError
+from align.core.artifacts import is_complete, plot_series, write_json
+from align.core.config import DataSpec, LoraSpec, ModelSpec, Section, load_yaml, parse_set, set_path, validate
+from align.core.errors import AlignError
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def fingerprint(stage: Any, pipeline: Pipeline, model: ModelSpec) -> str:
 
 def run_pipeline(recipe: PipelineRecipe, rundir: Path, start_from: str | None = None, only: str | None = None,
                  progress: bool = True) -> Path:
-    from align.models import resolve_model
+    from align.core.models import resolve_model
 
     names = [s.name for s in recipe.stages]
     for wanted, flag in ((start_from, "--from"), (only, "--only")):
@@ -276,8 +276,8 @@ def run_stage(stage: Any, pipeline: Pipeline, overwrite: bool) -> Path:
 
 
 def run_sft_stage(stage: SFTStage, pipeline: Pipeline, overwrite: bool) -> Path:
-    from align.config import SFTRecipe
-    from align.sft import run_sft
+    from align.core.config import SFTRecipe
+    from align.train.sft import run_sft
 
     model = pipeline.recipe.model
     if stage.model:
@@ -288,8 +288,8 @@ def run_sft_stage(stage: SFTStage, pipeline: Pipeline, overwrite: bool) -> Path:
 
 
 def run_dpo_stage(stage: DPOStage, pipeline: Pipeline, overwrite: bool) -> Path:
-    from align.config import DPORecipe
-    from align.dpo import run_dpo
+    from align.core.config import DPORecipe
+    from align.train.dpo import run_dpo
 
     adapter = pipeline.path(stage.adapter) if stage.adapter else None
     if adapter:
@@ -307,7 +307,7 @@ def run_dpo_stage(stage: DPOStage, pipeline: Pipeline, overwrite: bool) -> Path:
 
 def check_template_contract(sft_dir: Path) -> None:
     """The tokenizer DPO will use (the SFT adapter's own) must render and stop exactly as the SFT stage recorded."""
-    from align.models import load_tokenizer, resolve_model, template_contract
+    from align.core.models import load_tokenizer, resolve_model, template_contract
 
     recorded = json.loads((sft_dir / "run.json").read_text()).get("template") if (sft_dir / "run.json").is_file() else None
     if not recorded:
@@ -324,9 +324,9 @@ def check_template_contract(sft_dir: Path) -> None:
 
 def run_pairs_stage(stage: PairsStage, pipeline: Pipeline, overwrite: bool) -> Path:
     """Sample the adapter `samples` times per prompt; every distinct wrong answer becomes a rejected completion."""
-    from align.artifacts import output_dir
-    from align.data import load_sft_data, render_chat
-    from align.models import resolve_model
+    from align.core.artifacts import output_dir
+    from align.core.data import load_sft_data, render_chat
+    from align.core.models import resolve_model
     from eval.generate import free, generate_texts, load_for_eval
     from eval.suites import GenerationSpec
 
@@ -402,7 +402,7 @@ def score_candidates(stage: MergeStage, pipeline: Pipeline, candidates: list[dic
 
 def keep_best_candidate(stage: MergeStage, out: Path, overwrite: bool, scored: list[dict[str, Any]]) -> Path:
     """Move the best-scoring candidate into the stage's output with sweep.json/sweep.png and the sweep in merge.json."""
-    from align.artifacts import output_dir
+    from align.core.artifacts import output_dir
 
     best = max(range(len(scored)), key=lambda i: (scored[i]["score"], -i))
     with output_dir(out, overwrite=overwrite) as handle:
@@ -519,7 +519,7 @@ def plot_sweep(path: Path, scored: list[dict[str, Any]], best: int) -> None:
 
 def run_eval_stage(stage: EvalStage, pipeline: Pipeline, overwrite: bool) -> Path:
     """All suites in one report dir per suite, under RUNDIR/<stage>/<suite>/; report.json of the stage sums them."""
-    from align.artifacts import output_dir
+    from align.core.artifacts import output_dir
     from eval.run import EvalRequest, run_eval
 
     models = [(m, pipeline.path(m)) for m in stage.models]

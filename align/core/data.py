@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -54,7 +54,7 @@ def read_rows(source: str, split: str | None = None, limit: int | None = None) -
     `source` may carry a split as `NAME:SPLIT` for hub datasets; `--split` wins when both are given.
     """
     if source.startswith("builtin:"):
-        from align.demo import builtin_dataset
+        from align.core.demo import builtin_dataset
 
         rows = builtin_dataset(source.removeprefix("builtin:"), split or "train")
         locations = [f"{source}: row {i + 1}" for i in range(len(rows))]
@@ -258,7 +258,7 @@ def normalize_rows(
 ) -> tuple[list[dict[str, Any]], str]:
     """Detect (or check) the format and normalize every row. Bad rows raise, or are dropped with `skip_invalid`."""
     if fmt is not None and fmt not in formats:
-        from align.errors import did_you_mean
+        from align.core.errors import did_you_mean
 
         raise AlignError(f"unknown --format '{fmt}'{did_you_mean(fmt, formats)} (choose {', '.join(formats)})")
     chosen = fmt or detect(rows.rows[0])
