@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from align.cli import main
 from align.core.errors import AlignError
-from align.pipeline.run import load_pipeline, run_pipeline, selection_score
+from align.pipeline.run import load_pipeline, run_pipeline
+from align.pipeline.sweep import selection_score
 
 SUITE = """name: tiny
 tasks:
@@ -152,18 +153,19 @@ def test_selection_score_is_a_weighted_sum_and_names_missing_metrics():
 
 
 def test_a_failing_sweep_candidate_leaves_no_scratch_and_no_output(tiny_model_dir, tmp_path, monkeypatch):
-    from align.pipeline import run as pl
+    from align.pipeline import sweep
+    from align.pipeline.stages import Pipeline
 
     recipe = load_pipeline(write_recipe(tmp_path, tiny_model_dir))
     stage = next(s for s in recipe.stages if s.name == "merged")
-    run = pl.Pipeline(recipe, tmp_path / "run", "fp", {})
+    run = Pipeline(recipe, tmp_path / "run", "fp", {})
 
     def merged_then_fail(stage, pipeline, candidate, out, overwrite):
         out.mkdir(parents=True)
         (out / "model.safetensors").write_text("half")
         raise AlignError("candidate failed")
 
-    monkeypatch.setattr(pl, "merge_candidate", merged_then_fail)
+    monkeypatch.setattr(sweep, "merge_candidate", merged_then_fail)
     with pytest.raises(AlignError, match="candidate failed"):
-        pl.run_merge_stage(stage, run, overwrite=True)
+        sweep.run_merge_stage(stage, run, overwrite=True)
     assert not (tmp_path / "run" / ".merged.sweep").exists() and not (tmp_path / "run" / "merged").exists()

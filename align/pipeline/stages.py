@@ -1,0 +1,167 @@
+"""The schema of an `align run` recipe: one pydantic model per stage kind, how stages name each other, and the
+`Pipeline` wiring that turns a stage name into the path of its output."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from align.core.config import DataSpec, LoraSpec, ModelSpec, Section
+
+BASE = "base"
+RECORDS = {"sft": "run.json", "dpo": "run.json", "pairs": "pairs.json", "merge": "merge.json", "eval": "report.json"}
+"""The record each stage kind writes last: its presence means the stage's output is complete."""
+
+
+class StageSpec(Section):
+    name: str
+    """How later stages refer to this one; also its dir under RUNDIR."""
+
+
+class SFTStage(StageSpec):
+    kind: Literal["sft"]
+    model: str | None = None
+    """Train on an earlier stage's model (e.g. a stacked one, to heal it) instead of the recipe's model."""
+    data: DataSpec = DataSpec()
+    lora: LoraSpec = LoraSpec()
+    train: dict[str, Any] = {}
+
+
+class PairsStage(StageSpec):
+    """On-policy preference pairs: sample the adapter on training prompts, keep wrong answers as `rejected`
+    against the reference answer as `chosen` (for tasks whose answers can be checked by exact match)."""
+
+    kind: Literal["pairs"]
+    adapter: str
+    data: str = "builtin:pig-latin"
+    """Conversations whose last assistant message is the reference answer."""
+    split: str | None = None
+    limit: int = Field(default=256, gt=0)
+    samples: int = Field(default=4, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)
+    seed: int = 0
+
+
+class DPOStage(StageSpec):
+    kind: Literal["dpo"]
+    adapter: str | None = None
+    """A stage name (or adapter dir) the policy starts from and, with ref=adapter, the reference."""
+    data: str
+    """A `pairs` stage name, or any preference data source."""
+    ref: str | None = None
+    lora: LoraSpec = LoraSpec()
+    train: dict[str, Any] = {}
+
+
+class SelectSpec(Section):
+    """How a merge sweep picks its candidate: an eval suite and a metric (or a weighted sum of metrics)."""
+
+    suite: str = "pig-latin"
+    metric: str | dict[str, float] = "seen/exact_match"
+    """`task/metric`, or {`task/metric`: weight, ...} for a weighted sum."""
+    limit: int | None = 50
+
+
+class MergeStage(StageSpec):
+    kind: Literal["merge"]
+    method: str = "slerp"
+    models: list[str] = []
+    base: str | None = None
+    slices: list[str] = []
+    """For method `stack`: `NAME:START-END` layer ranges, NAME a stage or `base`."""
+    t: float | list[float] | None = None
+    weights: list[float] | list[list[float]] | None = None
+    density: float | None = None
+    as_adapter: bool = False
+    select: SelectSpec | None = None
+    """Required when t or weights list several candidates."""
+
+    def candidates(self) -> list[dict[str, Any]]:
+        if isinstance(self.t, list):
+            return [{"t": t} for t in self.t]
+        if self.weights and isinstance(self.weights[0], list):
+            return [{"weights": w} for w in self.weights]  # type: ignore[union-attr]
+        return [{"t": self.t} if self.t is not None else {"weights": self.weights}]
+
+    @model_validator(mode="after")
+    def _sweep_needs_selection(self) -> MergeStage:
+        if len(self.candidates()) > 1 and self.select is None:
+            raise ValueError("a sweep (several t or weight sets) needs a `select` section")
+        return self
+
+
+class EvalStage(StageSpec):
+    kind: Literal["eval"]
+    suites: list[str]
+    models: list[str]
+    limit: int | None = None
+    batch_size: int = 16
+
+
+Stage = Annotated[SFTStage | PairsStage | DPOStage | MergeStage | EvalStage, Field(discriminator="kind")]
+
+
+class PipelineRecipe(Section):
+    model: ModelSpec = ModelSpec()
+    stages: list[Stage]
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> PipelineRecipe:
+        seen: set[str] = {BASE}
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"stage name '{stage.name}' is used twice (or is the reserved name 'base')")
+            for ref in stage_refs(stage):
+                if ref not in seen and not Path(ref).exists() and not ref.startswith("builtin:"):
+                    raise ValueError(f"stage '{stage.name}' refers to '{ref}', which is not an earlier stage")
+            seen.add(stage.name)
+        return self
+
+
+def stage_refs(stage: Any) -> list[str]:
+    """Names a stage reads from (earlier stages or 'base'), for validation, fingerprints and wiring.
+    Paths, hub ids and `builtin:` sources are not names."""
+    return [ref for ref in _referenced(stage) if re.fullmatch(r"[A-Za-z0-9_-]+", ref)]
+
+
+def _referenced(stage: Any) -> list[str]:
+    if isinstance(stage, PairsStage):
+        return [stage.adapter]
+    if isinstance(stage, DPOStage):
+        return [r for r in (stage.adapter, stage.data) if r]
+    if isinstance(stage, MergeStage):
+        return [*stage.models, *([stage.base] if stage.base else []), *(split_slice(s)[0] for s in stage.slices)]
+    if isinstance(stage, SFTStage):
+        return [stage.model] if stage.model else []
+    if isinstance(stage, EvalStage):
+        return list(stage.models)
+    return []
+
+
+def split_slice(text: str) -> tuple[str, str]:
+    name, _, layers = text.rpartition(":")
+    return name, layers
+
+
+@dataclass
+class Pipeline:
+    recipe: PipelineRecipe
+    rundir: Path
+    model_fingerprint: str
+    fingerprints: dict[str, str]
+
+    def path(self, name: str) -> str:
+        """What a name means as a model/adapter/data argument."""
+        if name == BASE:
+            return self.recipe.model.name
+        if any(s.name == name for s in self.recipe.stages):
+            stage = next(s for s in self.recipe.stages if s.name == name)
+            out = self.rundir / name
+            return str(out / "pairs.jsonl") if isinstance(stage, PairsStage) else str(out)
+        return name
+

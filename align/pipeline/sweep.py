@@ -1,0 +1,117 @@
+"""Merge stages: one merge, or a sweep of candidates each merged, scored on a selection suite, the best kept."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from align.core.artifacts import plot_series, write_json
+from align.core.errors import AlignError
+from align.pipeline.report import flat_metrics
+from align.pipeline.stages import MergeStage, Pipeline, SelectSpec, split_slice
+from align.pipeline.template import write_sft_template
+
+log = logging.getLogger(__name__)
+
+
+def run_merge_stage(stage: MergeStage, pipeline: Pipeline, overwrite: bool) -> Path:
+    """One merge, or a sweep: every candidate is merged and scored; the best becomes the stage's output and
+    `sweep.json`/`sweep.png` beside it record every candidate's metrics."""
+    candidates = stage.candidates()
+    out = pipeline.rundir / stage.name
+    if len(candidates) == 1:
+        result = merge_candidate(stage, pipeline, candidates[0], out, overwrite)
+        write_sft_template(pipeline, result, stage.name)
+        return result
+    scratch = pipeline.rundir / f".{stage.name}.sweep"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:  # the scratch dir goes whether the sweep finishes or a candidate fails
+        return keep_best_candidate(stage, out, overwrite, score_candidates(stage, pipeline, candidates, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def score_candidates(stage: MergeStage, pipeline: Pipeline, candidates: list[dict[str, Any]],
+                     scratch: Path) -> list[dict[str, Any]]:
+    """Merge every candidate into `scratch` and score it on the stage's selection metric."""
+    scored = []
+    for i, candidate in enumerate(candidates):
+        path = merge_candidate(stage, pipeline, candidate, scratch / f"candidate-{i}", True)
+        write_sft_template(pipeline, path, stage.name)
+        metrics = score_candidate(stage.select, path, scratch / f"eval-{i}")  # type: ignore[arg-type]
+        scored.append({"candidate": candidate, "path": str(path), "metrics": metrics,
+                       "score": selection_score(stage.select.metric, metrics)})  # type: ignore[union-attr]
+        log.info("merge sweep %s: %s", candidate, scored[-1]["score"])
+    return scored
+
+
+def keep_best_candidate(stage: MergeStage, out: Path, overwrite: bool, scored: list[dict[str, Any]]) -> Path:
+    """Move the best-scoring candidate into the stage's output with sweep.json/sweep.png and the sweep in merge.json."""
+    from align.core.artifacts import output_dir
+
+    best = max(range(len(scored)), key=lambda i: (scored[i]["score"], -i))
+    with output_dir(out, overwrite=overwrite) as handle:
+        shutil.rmtree(handle.path)
+        shutil.move(scored[best]["path"], handle.path)
+        sweep = {"selected": scored[best]["candidate"], "select": stage.select.model_dump(),  # type: ignore[union-attr]
+                 "candidates": [{k: v for k, v in s.items() if k != "path"} for s in scored]}
+        write_json(handle.path / "sweep.json", sweep)
+        plot_sweep(handle.path / "sweep.png", scored, best)
+        record = json.loads((handle.path / "merge.json").read_text())
+        record["sweep"] = sweep
+        (handle.path / "merge.json").unlink()
+        return handle.commit("merge.json", record)
+
+
+def merge_candidate(stage: MergeStage, pipeline: Pipeline, candidate: dict[str, Any], out: Path,
+                    overwrite: bool) -> Path:
+    from merge.methods import MergeParams
+    from merge.run import MergeRequest, run_merge_request
+
+    params: dict[str, Any] = {}
+    if candidate.get("t") is not None:
+        params["t"] = [candidate["t"]]
+    if candidate.get("weights") is not None:
+        params["weights"] = list(candidate["weights"])
+    if stage.density is not None:
+        params["density"] = [stage.density]
+    slices = [f"{pipeline.path(name)}:{layers}" for name, layers in map(split_slice, stage.slices)]
+    request = MergeRequest(method=stage.method, models=[pipeline.path(m) for m in stage.models], out=out,
+                           slices=slices,
+                           base=pipeline.path(stage.base) if stage.base else None, params=MergeParams(**params),
+                           mode="adapter" if stage.as_adapter else "auto", overwrite=overwrite)
+    return run_merge_request(request)
+
+
+def score_candidate(select: SelectSpec, model: Path, out: Path) -> dict[str, float]:
+    from eval.run import EvalRequest, run_eval
+
+    report_dir = run_eval(EvalRequest(suite=select.suite, models=[("candidate", str(model))], output=out,
+                                      limit=select.limit, overwrite=True))
+    return flat_metrics(json.loads((report_dir / "report.json").read_text()), "candidate")
+
+
+def selection_score(metric: str | dict[str, float], metrics: dict[str, float]) -> float:
+    weights = {metric: 1.0} if isinstance(metric, str) else metric
+    missing = [m for m in weights if m not in metrics]
+    if missing:
+        raise AlignError(f"selection metric {missing[0]} is not in the eval results ({', '.join(sorted(metrics))})")
+    return sum(w * metrics[m] for m, w in weights.items())
+
+
+def plot_sweep(path: Path, scored: list[dict[str, Any]], best: int) -> None:
+    """Every metric and the selection score against the swept value; the title names the candidate kept."""
+    xs = [next(iter(s["candidate"].values())) for s in scored]
+    if not all(isinstance(x, int | float) for x in xs):
+        xs = list(range(len(scored)))
+    names = sorted({m for s in scored for m in s["metrics"]})
+    series = {m: [(x, s["metrics"][m]) for x, s in zip(xs, scored) if not math.isnan(s["metrics"].get(m, math.nan))]
+              for m in names}
+    series["selection score"] = [(x, s["score"]) for x, s in zip(xs, scored)]
+    kept = ", ".join(f"{k}={v}" for k, v in scored[best]["candidate"].items())
+    plot_series(path, series, f"merge sweep (kept {kept})", xlabel=next(iter(scored[0]["candidate"])))
+
