@@ -77,6 +77,10 @@ class TrainRecipe(Section):
     lora: LoraSpec = LoraSpec()
     train: dict[str, Any] = {}
     """Passed to TRL's SFTConfig / DPOConfig (field names as TRL spells them)."""
+    report_to: Literal["auto", "none", "tensorboard", "trackio", "wandb"] = "auto"
+    """Experiment tracker. auto: TensorBoard event files under the output dir if tensorboard is installed, else
+    trackio's local store if trackio is, else none. wandb is the only remote choice (the only one that makes network
+    calls). Name the experiment with train.project and the run with train.run_name (`align run` sets both)."""
     output: str | None = None
     resume: bool = False
     overwrite: bool = False

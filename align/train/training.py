@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,7 +189,47 @@ def trainer_arguments(recipe: TrainRecipe, plan: MachinePlan, workdir: Path) -> 
     merged["activation_checkpointing"] = plan.gradient_checkpointing
     merged.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     merged["torch_compile"] = plan.torch_compile
+    merged.update(tracking_arguments(recipe))
     return merged
+
+
+# Local trackers, in the order `report_to: auto` tries them; wandb is never picked for the user (it is remote).
+LOCAL_TRACKERS = ("tensorboard", "trackio")
+
+
+def tracker_installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def resolve_report_to(choice: str, installed: Callable[[str], bool] = tracker_installed) -> str:
+    """`auto` becomes the first local tracker that is installed, else none; an explicit choice must be installed."""
+    if choice == "auto":
+        return next((name for name in LOCAL_TRACKERS if installed(name)), "none")
+    if choice != "none" and not installed(choice):
+        raise AlignError(f"report_to {choice}: the {choice} package is not installed (pip install {choice})")
+    return choice
+
+
+def tracking_arguments(recipe: TrainRecipe) -> dict[str, Any]:
+    """Trainer arguments for the experiment tracker: report_to resolved, and a project and run name.
+
+    TensorBoard writes event files under the output dir (`runs/<time>_<host>/`, moved with it at commit); trackio
+    keeps its local store (a Space only when train.trackio_space_id is set). Both stay offline. The run is named
+    after the output dir unless train.run_name says otherwise; `align run` names the project after its run dir.
+    """
+    asked = recipe.train.get("report_to", recipe.report_to)  # TRL's own field name wins when a recipe uses it
+    choice = asked if isinstance(asked, list) else resolve_report_to(str(asked))
+    arguments: dict[str, Any] = {
+        "report_to": choice,
+        "run_name": recipe.train.get("run_name") or Path(recipe.output or "run").name,
+        "project": recipe.train.get("project") or "alignmerge",
+    }
+    if choice == "wandb":
+        # transformers' WandbCallback reads the project from the environment only
+        os.environ.setdefault("WANDB_PROJECT", arguments["project"])
+    return arguments
 
 
 def estimated_steps(train: dict[str, Any], rows: int) -> int:
