@@ -74,8 +74,8 @@ def check_run_inputs(recipe: TrainRecipe) -> Path:
 
 def attach_lora(model: Any, resolved: ResolvedModel, spec: LoraSpec, gradient_checkpointing: bool,
                 seed: int = 0) -> Any:
-    """A fresh LoRA adapter, or keep training the adapter `--model` named. Quantized bases are prepared for k-bit
-    training (fp32 norms, input grads) as PEFT prescribes for QLoRA.
+    """A fresh LoRA adapter, or keep training the adapter `--model` named. Quantized bases are prepared for QLoRA
+    (frozen base, input grads; see `prepare_quantized`).
 
     Seeded here because LoRA's A matrices are drawn when the adapter is created, before the Trainer seeds anything:
     without it two runs with the same seed differ from step 2 on, and a resumed run cannot match an unbroken one.
@@ -91,13 +91,39 @@ def attach_lora(model: Any, resolved: ResolvedModel, spec: LoraSpec, gradient_ch
 
 
 def prepare_quantized(model: Any, gradient_checkpointing: bool) -> Any:
-    """A quantized base made ready for k-bit training (fp32 norms, input grads); other models pass through."""
-    from peft import prepare_model_for_kbit_training
+    """A quantized base made ready for LoRA training, the way plain TRL's QLoRA path does it; other models pass
+    through.
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    Not PEFT's `prepare_model_for_kbit_training`: it upcasts every non-quantized tensor (embeddings, the tied head,
+    norms) to fp32, which on a 1.07B Llama on an H100 cost 3.6 GB and 11% of the speed, so 4-bit used more memory
+    than bf16 LoRA (issue 12). Beyond what PEFT does anyway (get_peft_model and a trainable PeftModel.from_pretrained
+    freeze the base), QLoRA needs only input gradients when checkpointing, so the checkpointed layers'
+    recomputation has a graph to hang the LoRA gradients on (the Trainer's own call is skipped for PEFT models,
+    transformers#42489). Everything else stays in the dtype it was loaded in (`--dtype`: the compute dtype on a
+    GPU). The fp32 tensors left are named in `QLORA_FP32_EXCEPTIONS`.
+    """
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return model
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
     return model
+
+
+# What may still be held in fp32 after `prepare_quantized` on a model loaded in a 16-bit dtype, and why:
+# - LoRA (and DoRA) weights: PEFT keeps adapters in fp32 (`autocast_adapter_dtype`) so small updates are not lost
+#   to rounding; TRL's QLoRA path then casts them to bf16 itself (all but DoRA's magnitude vector).
+# - norms: none. transformers' RMSNorm/LayerNorm upcast their input to fp32 inside forward, so an fp32 weight buys
+#   no precision, and plain TRL's QLoRA leaves them in the compute dtype.
+# - embeddings and the output head: none; they stay in the compute dtype (load in fp32 with --dtype float32 to ask
+#   otherwise).
+# - RoPE inverse frequencies (buffers, head_dim/2 values per model): transformers keeps them in fp32 on purpose.
+QLORA_FP32_EXCEPTIONS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                         "inv_freq", "original_inv_freq")
+
+
+def is_qlora_fp32_exception(name: str) -> bool:
+    """Whether a parameter's name puts it among `QLORA_FP32_EXCEPTIONS`."""
+    return any(f".{part}." in f".{name}." for part in QLORA_FP32_EXCEPTIONS)
 
 
 # ---- choices for the machine ------------------------------------------------------------------------------------
@@ -183,11 +209,13 @@ def trainer_arguments(recipe: TrainRecipe, plan: MachinePlan, workdir: Path) -> 
     }
     merged = {**defaults, **recipe.train}
     merged["output_dir"] = str(workdir)  # artifacts always go through the atomic output dir
-    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; the plan already folded in either.
-    for legacy in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):
-        merged.pop(legacy, None)
-    merged["activation_checkpointing"] = plan.gradient_checkpointing
-    merged.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    # The plan already folded in either spelling of the flag; the kwargs keep the recipe's, under the installed name.
+    flag, kwargs_name = checkpointing_argument_names()
+    user_kwargs = [merged.pop(name) for name in CHECKPOINTING_KWARGS if name in merged]
+    for name in CHECKPOINTING_FLAGS:
+        merged.pop(name, None)
+    merged[flag] = plan.gradient_checkpointing
+    merged[kwargs_name] = user_kwargs[0] if user_kwargs else {"use_reentrant": False}
     merged["torch_compile"] = plan.torch_compile
     merged.update(tracking_arguments(recipe))
     return merged
@@ -230,6 +258,25 @@ def tracking_arguments(recipe: TrainRecipe) -> dict[str, Any]:
         # transformers' WandbCallback reads the project from the environment only
         os.environ.setdefault("WANDB_PROJECT", arguments["project"])
     return arguments
+
+
+CHECKPOINTING_FLAGS = ("activation_checkpointing", "gradient_checkpointing")
+CHECKPOINTING_KWARGS = ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+
+
+def checkpointing_argument_names() -> tuple[str, str]:
+    """(flag, kwargs) as the installed `TrainingArguments` spells them. transformers 5.23 renamed
+    `gradient_checkpointing` to `activation_checkpointing` (keeping the old name as a deprecated alias); 5.17 knows
+    only the old name and refuses the new one. Read from the dataclass fields, so a backport or a removal of the
+    alias is followed without a version table."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    if "activation_checkpointing" in names:
+        return "activation_checkpointing", "activation_checkpointing_kwargs"
+    return "gradient_checkpointing", "gradient_checkpointing_kwargs"
 
 
 def estimated_steps(train: dict[str, Any], rows: int) -> int:
