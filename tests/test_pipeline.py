@@ -121,7 +121,9 @@ def test_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed(tiny_
 
 def test_template_contract_mismatch_names_both_values(tiny_model_dir, tmp_path):
     recipe = load_pipeline(write_recipe(tmp_path, tiny_model_dir))
-    recipe.stages = recipe.stages[:1] + [recipe.stages[2].model_copy(update={"data": "builtin:pig-latin-prefs"})]
+    dpo = recipe.stages[2]
+    recipe.stages = recipe.stages[:1] + [dpo.model_copy(update={"data": dpo.data.model_copy(
+        update={"path": "builtin:pig-latin-prefs"})})]
     rundir = tmp_path / "run"
     run_pipeline(recipe, rundir, only="sft", progress=False)
     tokenizer_config = rundir / "sft" / "chat_template.jinja"
@@ -160,12 +162,63 @@ def test_a_failing_sweep_candidate_leaves_no_scratch_and_no_output(tiny_model_di
     stage = next(s for s in recipe.stages if s.name == "merged")
     run = Pipeline(recipe, tmp_path / "run", "fp", {})
 
-    def merged_then_fail(stage, pipeline, candidate, out, overwrite):
+    def merged_then_fail(stage, pipeline, candidate, out):
         out.mkdir(parents=True)
         (out / "model.safetensors").write_text("half")
         raise AlignError("candidate failed")
 
     monkeypatch.setattr(sweep, "merge_candidate", merged_then_fail)
     with pytest.raises(AlignError, match="candidate failed"):
-        sweep.run_merge_stage(stage, run, overwrite=True)
+        sweep.run_merge_stage(stage, run)
     assert not (tmp_path / "run" / ".merged.sweep").exists() and not (tmp_path / "run" / "merged").exists()
+
+
+def stage_recipes(recipe_path: Path, rundir: Path) -> dict[str, object]:
+    """The SFT/DPO recipe each training stage hands its command (the commands are not run)."""
+    from align.pipeline.run import stage_recipe
+    from align.pipeline.stages import DPOStage, Pipeline, SFTStage
+
+    from align.core.config import DPORecipe, SFTRecipe
+
+    recipe = load_pipeline(recipe_path)
+    pipeline = Pipeline(recipe, rundir, "fp", {})
+    found = {}
+    for stage in recipe.stages:
+        if isinstance(stage, SFTStage):
+            found[stage.name] = stage_recipe(SFTRecipe, stage, pipeline, {})
+        elif isinstance(stage, DPOStage):
+            found[stage.name] = stage_recipe(DPORecipe, stage, pipeline, {"data": {
+                **stage.data.model_dump(), "path": pipeline.path(stage.data.path)}})
+    return found
+
+
+def test_a_dpo_stage_sets_what_align_dpo_takes(tiny_model_dir, tmp_path):
+    path = write_recipe(tmp_path, tiny_model_dir)
+    path.write_text(path.read_text().replace(
+        "    data: pairs\n    ref: adapter\n",
+        "    data: {path: pairs, format: explicit, pairs: all, eval_size: 0.25}\n"
+        "    max_prompt_length: 24\n    ref: adapter\n"))
+    dpo = stage_recipes(path, tmp_path / "run")["dpo"]
+    assert dpo.max_prompt_length == 24 and dpo.data.eval_size == 0.25 and dpo.data.pairs == "all"
+    assert dpo.data.format == "explicit"
+    assert dpo.data.path == str(tmp_path / "run" / "pairs" / "pairs.jsonl")
+    assert dpo.output == str(tmp_path / "run" / "dpo") and dpo.overwrite
+
+
+def test_a_training_stage_has_its_command_s_defaults_and_checks(tiny_model_dir, tmp_path):
+    from align.core.config import DPORecipe, SFTRecipe
+
+    found = stage_recipes(write_recipe(tmp_path, tiny_model_dir), tmp_path / "run")
+    assert found["sft"].data == SFTRecipe().data.model_copy(update={"limit": 16})
+    assert found["dpo"].data.pairs == DPORecipe().data.pairs and found["dpo"].max_prompt_length is None
+    path = write_recipe(tmp_path, tiny_model_dir)
+    path.write_text(path.read_text().replace("    ref: adapter\n", "    ref: adaptor\n"))
+    with pytest.raises(AlignError, match=r"stages\.2\.dpo\.ref"):
+        load_pipeline(path)
+
+
+def test_a_stage_cannot_set_the_output_the_pipeline_owns(tiny_model_dir, tmp_path):
+    path = write_recipe(tmp_path, tiny_model_dir)
+    path.write_text(path.read_text().replace("    ref: adapter\n", "    ref: adapter\n    output: elsewhere\n"))
+    with pytest.raises(AlignError, match="'output' is set by the pipeline"):
+        load_pipeline(path)

@@ -9,7 +9,7 @@ from align.core.errors import AlignError
 from align.pipeline.stages import Pipeline, PairsStage
 
 
-def run_pairs_stage(stage: PairsStage, pipeline: Pipeline, overwrite: bool) -> Path:
+def run_pairs_stage(stage: PairsStage, pipeline: Pipeline) -> Path:
     """Sample the adapter `samples` times per prompt; every distinct wrong answer becomes a rejected completion."""
     from align.core.artifacts import output_dir
     from align.core.data import load_sft_data, render_chat
@@ -25,7 +25,7 @@ def run_pairs_stage(stage: PairsStage, pipeline: Pipeline, overwrite: bool) -> P
             raise AlignError(f"{stage.data}: pairs need conversations that end with the reference answer")
         prompts.append(messages[:-1])
         references.append(messages[-1]["content"].strip())
-    with output_dir(pipeline.rundir / stage.name, overwrite=overwrite) as handle:
+    with output_dir(pipeline.rundir / stage.name, overwrite=True) as handle:
         lm = load_for_eval(stage.adapter, resolve_model(pipeline.path(stage.adapter)))
         texts = [render_chat(lm.tokenizer, p, add_generation_prompt=True) for p in prompts]
         settings = GenerationSpec(max_new_tokens=stage.max_new_tokens, do_sample=True, temperature=stage.temperature,

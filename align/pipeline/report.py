@@ -10,13 +10,13 @@ from align.core.errors import AlignError
 from align.pipeline.stages import EvalStage, Pipeline
 
 
-def run_eval_stage(stage: EvalStage, pipeline: Pipeline, overwrite: bool) -> Path:
+def run_eval_stage(stage: EvalStage, pipeline: Pipeline) -> Path:
     """All suites in one report dir per suite, under RUNDIR/<stage>/<suite>/; report.json of the stage sums them."""
     from align.core.artifacts import output_dir
     from eval.run import EvalRequest, run_eval
 
     models = [(m, pipeline.path(m)) for m in stage.models]
-    with output_dir(pipeline.rundir / stage.name, overwrite=overwrite) as handle:
+    with output_dir(pipeline.rundir / stage.name, overwrite=True) as handle:
         combined: dict[str, Any] = {"suites": {}}
         for suite in stage.suites:
             name = Path(suite).stem if suite.endswith((".yaml", ".yml")) else suite

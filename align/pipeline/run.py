@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from align.core.artifacts import is_complete, write_json
-from align.core.config import ModelSpec, load_yaml, parse_set, set_path, validate
+from align.core.config import DPORecipe, ModelSpec, SFTRecipe, TrainRecipe, load_yaml, parse_set, set_path, validate
 from align.core.errors import AlignError
 from align.pipeline.pairs import run_pairs_stage
 from align.pipeline.report import run_eval_stage, write_report
 from align.pipeline.stages import (RECORDS, DPOStage, EvalStage, MergeStage, Pipeline, PipelineRecipe, SFTStage,
-                                   stage_refs)
+                                   TrainStage, stage_refs)
 from align.pipeline.sweep import run_merge_stage
 from align.pipeline.template import check_template_contract
 
@@ -93,7 +93,7 @@ def run_pipeline(recipe: PipelineRecipe, rundir: Path, start_from: str | None = 
             continue
         say(f"[{stage.name}] running {stage.kind}")
         started = time.perf_counter()
-        run_stage(stage, pipeline, overwrite=True)
+        run_stage(stage, pipeline)
         timings[stage.name] = time.perf_counter() - started
         state["stages"][stage.name] = fp
         state["timings_s"] = timings
@@ -108,35 +108,37 @@ def _say(message: str) -> None:
     click.echo(message, err=True)
 
 
-def run_stage(stage: Any, pipeline: Pipeline, overwrite: bool) -> Path:
+def run_stage(stage: Any, pipeline: Pipeline) -> Path:
+    """Run one stage into RUNDIR/<name>, replacing what was there (the caller decided it is out of date)."""
     runners = {"sft": run_sft_stage, "pairs": run_pairs_stage, "dpo": run_dpo_stage, "merge": run_merge_stage,
                "eval": run_eval_stage}
-    return runners[stage.kind](stage, pipeline, overwrite)
+    return runners[stage.kind](stage, pipeline)
 
 
-def run_sft_stage(stage: SFTStage, pipeline: Pipeline, overwrite: bool) -> Path:
-    from align.core.config import SFTRecipe
+def run_sft_stage(stage: SFTStage, pipeline: Pipeline) -> Path:
     from align.train.sft import run_sft
 
-    model = pipeline.recipe.model
-    if stage.model:
-        model = model.model_copy(update={"name": pipeline.path(stage.model)})
-    recipe = SFTRecipe(model=model, data=stage.data, lora=stage.lora, train=stage.train,
-                       output=str(pipeline.rundir / stage.name), overwrite=overwrite)
-    return run_sft(recipe)
+    return run_sft(stage_recipe(SFTRecipe, stage, pipeline, {}))
 
 
-def run_dpo_stage(stage: DPOStage, pipeline: Pipeline, overwrite: bool) -> Path:
-    from align.core.config import DPORecipe
+def run_dpo_stage(stage: DPOStage, pipeline: Pipeline) -> Path:
     from align.train.dpo import run_dpo
 
     adapter = pipeline.path(stage.adapter) if stage.adapter else None
     if adapter:
         check_template_contract(Path(adapter))
-    recipe = DPORecipe.model_validate({
-        "model": pipeline.recipe.model.model_dump(), "data": {"path": pipeline.path(stage.data)},
-        "lora": stage.lora.model_dump(), "train": stage.train, "adapter": adapter, "ref": stage.ref,
-        "output": str(pipeline.rundir / stage.name), "overwrite": overwrite,
-    })
+    data = {**stage.data.model_dump(), "path": pipeline.path(stage.data.path)}
+    return run_dpo(stage_recipe(DPORecipe, stage, pipeline, {"adapter": adapter, "data": data}))
+
+
+def stage_recipe(cls: type[TrainRecipe], stage: TrainStage, pipeline: Pipeline, wired: dict[str, Any]) -> Any:
+    """The command's recipe for a training stage: the stage's own fields, the pipeline's model (or an earlier
+    stage's), stage names in `wired` turned into paths, and the output RUNDIR/<name>, always replaced."""
+    model = pipeline.recipe.model
+    if stage.model:
+        model = model.model_copy(update={"name": pipeline.path(stage.model)})
+    fields = {**stage.recipe_fields(), **wired, "model": model.model_dump(),
+              "output": str(pipeline.rundir / stage.name), "overwrite": True}
+    return validate(cls, fields, f"stage '{stage.name}'")
     return run_dpo(recipe)
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from align.core.config import DataSpec, LoraSpec, ModelSpec, Section
+from align.core.config import DPORecipe, ModelSpec, Section, SFTRecipe
 
 BASE = "base"
 RECORDS = {"sft": "run.json", "dpo": "run.json", "pairs": "pairs.json", "merge": "merge.json", "eval": "report.json"}
@@ -22,13 +22,31 @@ class StageSpec(Section):
     """How later stages refer to this one; also its dir under RUNDIR."""
 
 
-class SFTStage(StageSpec):
-    kind: Literal["sft"]
-    model: str | None = None
+class TrainStage(StageSpec):
+    """A training stage is its command's recipe (every field `align sft`/`align dpo` takes, with the same defaults
+    and checks), except what the pipeline owns: the model (the recipe's, or an earlier stage's) and the output."""
+
+    model: str | None = None  # type: ignore[assignment]  # a stage name here, the recipe's ModelSpec otherwise
     """Train on an earlier stage's model (e.g. a stacked one, to heal it) instead of the recipe's model."""
-    data: DataSpec = DataSpec()
-    lora: LoraSpec = LoraSpec()
-    train: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pipeline_owns_the_output(cls, data: Any) -> Any:
+        for key in PIPELINE_OWNED:
+            if isinstance(data, dict) and key in data:
+                raise ValueError(f"'{key}' is set by the pipeline (a stage writes RUNDIR/<name>), not by a stage")
+        return data
+
+    def recipe_fields(self) -> dict[str, Any]:
+        """The fields the stage passes on to its command's recipe."""
+        return self.model_dump(exclude={"name", "kind", "model", *PIPELINE_OWNED})
+
+
+PIPELINE_OWNED = ("output", "resume", "overwrite")
+
+
+class SFTStage(TrainStage, SFTRecipe):
+    kind: Literal["sft"]
 
 
 class PairsStage(StageSpec):
@@ -47,15 +65,16 @@ class PairsStage(StageSpec):
     seed: int = 0
 
 
-class DPOStage(StageSpec):
+class DPOStage(TrainStage, DPORecipe):
+    """`adapter` is a stage name (or adapter dir); `data.path` (or `data` alone) a `pairs` stage name, or any
+    preference data source."""
+
     kind: Literal["dpo"]
-    adapter: str | None = None
-    """A stage name (or adapter dir) the policy starts from and, with ref=adapter, the reference."""
-    data: str
-    """A `pairs` stage name, or any preference data source."""
-    ref: str | None = None
-    lora: LoraSpec = LoraSpec()
-    train: dict[str, Any] = {}
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_may_be_a_name(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
 
 
 class SelectSpec(Section):
@@ -133,7 +152,7 @@ def _referenced(stage: Any) -> list[str]:
     if isinstance(stage, PairsStage):
         return [stage.adapter]
     if isinstance(stage, DPOStage):
-        return [r for r in (stage.adapter, stage.data) if r]
+        return [r for r in (stage.adapter, stage.data.path) if r]
     if isinstance(stage, MergeStage):
         return [*stage.models, *([stage.base] if stage.base else []), *(split_slice(s)[0] for s in stage.slices)]
     if isinstance(stage, SFTStage):

@@ -18,19 +18,19 @@ from align.pipeline.template import write_sft_template
 log = logging.getLogger(__name__)
 
 
-def run_merge_stage(stage: MergeStage, pipeline: Pipeline, overwrite: bool) -> Path:
+def run_merge_stage(stage: MergeStage, pipeline: Pipeline) -> Path:
     """One merge, or a sweep: every candidate is merged and scored; the best becomes the stage's output and
     `sweep.json`/`sweep.png` beside it record every candidate's metrics."""
     candidates = stage.candidates()
     out = pipeline.rundir / stage.name
     if len(candidates) == 1:
-        result = merge_candidate(stage, pipeline, candidates[0], out, overwrite)
+        result = merge_candidate(stage, pipeline, candidates[0], out)
         write_sft_template(pipeline, result, stage.name)
         return result
     scratch = pipeline.rundir / f".{stage.name}.sweep"
     shutil.rmtree(scratch, ignore_errors=True)
     try:  # the scratch dir goes whether the sweep finishes or a candidate fails
-        return keep_best_candidate(stage, out, overwrite, score_candidates(stage, pipeline, candidates, scratch))
+        return keep_best_candidate(stage, out, score_candidates(stage, pipeline, candidates, scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -40,7 +40,7 @@ def score_candidates(stage: MergeStage, pipeline: Pipeline, candidates: list[dic
     """Merge every candidate into `scratch` and score it on the stage's selection metric."""
     scored = []
     for i, candidate in enumerate(candidates):
-        path = merge_candidate(stage, pipeline, candidate, scratch / f"candidate-{i}", True)
+        path = merge_candidate(stage, pipeline, candidate, scratch / f"candidate-{i}")
         write_sft_template(pipeline, path, stage.name)
         metrics = score_candidate(stage.select, path, scratch / f"eval-{i}")  # type: ignore[arg-type]
         scored.append({"candidate": candidate, "path": str(path), "metrics": metrics,
@@ -49,12 +49,12 @@ def score_candidates(stage: MergeStage, pipeline: Pipeline, candidates: list[dic
     return scored
 
 
-def keep_best_candidate(stage: MergeStage, out: Path, overwrite: bool, scored: list[dict[str, Any]]) -> Path:
+def keep_best_candidate(stage: MergeStage, out: Path, scored: list[dict[str, Any]]) -> Path:
     """Move the best-scoring candidate into the stage's output with sweep.json/sweep.png and the sweep in merge.json."""
     from align.core.artifacts import output_dir
 
     best = max(range(len(scored)), key=lambda i: (scored[i]["score"], -i))
-    with output_dir(out, overwrite=overwrite) as handle:
+    with output_dir(out, overwrite=True) as handle:
         shutil.rmtree(handle.path)
         shutil.move(scored[best]["path"], handle.path)
         sweep = {"selected": scored[best]["candidate"], "select": stage.select.model_dump(),  # type: ignore[union-attr]
@@ -67,8 +67,7 @@ def keep_best_candidate(stage: MergeStage, out: Path, overwrite: bool, scored: l
         return handle.commit("merge.json", record)
 
 
-def merge_candidate(stage: MergeStage, pipeline: Pipeline, candidate: dict[str, Any], out: Path,
-                    overwrite: bool) -> Path:
+def merge_candidate(stage: MergeStage, pipeline: Pipeline, candidate: dict[str, Any], out: Path) -> Path:
     from merge.methods import MergeParams
     from merge.run import MergeRequest, run_merge_request
 
@@ -83,7 +82,7 @@ def merge_candidate(stage: MergeStage, pipeline: Pipeline, candidate: dict[str, 
     request = MergeRequest(method=stage.method, models=[pipeline.path(m) for m in stage.models], out=out,
                            slices=slices,
                            base=pipeline.path(stage.base) if stage.base else None, params=MergeParams(**params),
-                           mode="adapter" if stage.as_adapter else "auto", overwrite=overwrite)
+                           mode="adapter" if stage.as_adapter else "auto", overwrite=True)
     return run_merge_request(request)
 
 
