@@ -290,6 +290,34 @@ def run(recipe: str, output: str | None, start_from: str | None, only: str | Non
     click.echo(f"run written to {out} (report: {out / 'report.md'})")
 
 
+@main.command("export", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write.")
+@click.option("--type", "export_type", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True,
+              help="Weight type of the matrices (norms stay f32).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--verify/--no-verify", default=False, show_default=True,
+              help="Load the file back through transformers' GGUF loader and compare logits with the source.")
+@debug_option
+@handle_errors
+def export(model: str, output: str, export_type: str, overwrite: bool, verify: bool, debug: bool) -> None:
+    """Write MODEL (model dir, adapter dir, merged model, .gguf or hub id) as one GGUF file for llama.cpp / Ollama."""
+    from pathlib import Path
+
+    from align.core.export import export_gguf, verify_round_trip
+
+    result = export_gguf(model, Path(output), export_type, overwrite)
+    click.echo(f"wrote {result.path} ({result.type}, {result.bytes / 2**20:.1f} MiB, {result.tensors} tensors, "
+               f"eos/eot {result.eos_token!r}) in {result.seconds:.1f}s")
+    if verify:
+        check = verify_round_trip(model, result.path)
+        click.echo(f"round trip on {check.prompts} prompts ({check.positions} positions): max |logit diff| "
+                   f"{check.max_abs_diff:.4g}, top-1 agreement {check.top1_agreement:.4f}, mean KL {check.mean_kl:.3g}, "
+                   f"tokens {'match' if check.tokens_match else 'DIFFER'}, chat template "
+                   f"{'matches' if check.chat_template_match else 'DIFFERS'}, eos "
+                   f"{'matches' if check.eos_match else 'DIFFERS'}")
+
+
 def _register_commands() -> None:
     """The commands that live with their own packages, registered here explicitly (one place, no import magic)."""
     from align.estimate_cli import estimate_command

@@ -317,14 +317,18 @@ def load_tokenizer(resolved: ResolvedModel) -> Any:
     """
     from transformers import AutoTokenizer
 
-    source = str(resolved.adapter) if resolved.adapter and _has_tokenizer(resolved.adapter) else resolved.base
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(resolved))
     except OSError as exc:
         raise _load_error(resolved, exc) from None
     ensure_chat_template(tokenizer)
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def tokenizer_source(resolved: ResolvedModel) -> str:
+    """Where a model's tokenizer lives: an adapter dir's own (SFT may have added tokens or a template), else the base."""
+    return str(resolved.adapter) if resolved.adapter and _has_tokenizer(resolved.adapter) else resolved.base
 
 
 def _has_tokenizer(path: Path) -> bool:
