@@ -264,15 +264,22 @@ def _term(plan, name: str) -> int:
     return next(t.bytes for t in plan.terms if t.name == name)
 
 
-def test_recipe_checkpointing_auto_turns_on_only_when_the_plan_does_not_fit(tiny_model_dir):
+def test_recipe_checkpointing_auto_changes_the_layout_only_when_the_plan_does_not_fit(tiny_model_dir):
+    """Tight, a smaller micro-batch (same effective batch) is predicted faster than recompute; at micro-batch 1
+    only checkpointing is left (tests/test_planner_choices.py covers the choice itself)."""
     from align.core.config import ModelSpec, SFTRecipe
 
     recipe = SFTRecipe(model=ModelSpec(name=str(tiny_model_dir), dtype="float32"),
                        train={"per_device_train_batch_size": 4, "max_length": 256})
     roomy = plan_from_recipe(recipe, "sft", budget=64 * GiB, device="cpu")
-    assert roomy.setup.gradient_checkpointing is False
+    assert roomy.setup.gradient_checkpointing is False and roomy.setup.batch_size == 4 and not roomy.layout
     tight = plan_from_recipe(recipe, "sft", budget=roomy.peak_bytes - 1, device="cpu")
-    assert tight.setup.gradient_checkpointing is True and tight.peak_bytes < roomy.peak_bytes
+    assert (tight.setup.batch_size, tight.setup.grad_accum, tight.setup.gradient_checkpointing) == (2, 2, False)
+    assert tight.peak_bytes < roomy.peak_bytes and tight.layout
+    single = recipe.model_copy(update={"train": {"per_device_train_batch_size": 1, "max_length": 256}})
+    one = plan_from_recipe(single, "sft", budget=64 * GiB, device="cpu")
+    squeezed = plan_from_recipe(single, "sft", budget=one.peak_bytes - 1, device="cpu")
+    assert squeezed.setup.gradient_checkpointing is True and squeezed.peak_bytes < one.peak_bytes
 
 
 def test_optimizer_step_temporaries_by_device(shape):

@@ -467,6 +467,8 @@ class Plan:
     trainable_params: int
     budget: int | None = None
     suggestions: list[dict[str, Any]] = field(default_factory=list)
+    layout: str = ""
+    """Why the micro-batch and checkpointing differ from the recipe's (`gradient_checkpointing: auto`), if they do."""
 
     def phase_total(self, phase: Phase) -> int:
         persistent = sum(t.bytes for t in self.terms if t.phase == "persistent")
@@ -655,8 +657,102 @@ def plan_from_recipe(recipe: Any, stage: Stage, ref: str | None = None, budget: 
     if recipe.model.gradient_checkpointing == "auto" and not setup.gradient_checkpointing:
         limit = budget if budget is not None else available_memory(setup.device)
         if plan.peak_bytes > limit:
-            plan = plan_with_budget(shape, replace(setup, gradient_checkpointing=True), recipe.model.name, budget)
+            chosen, reason = choose_layout(shape, setup, limit, recipe.model.name)
+            plan = plan_with_budget(shape, chosen, recipe.model.name, budget)
+            plan.layout = reason
     return plan
+
+
+# ---- a run that does not fit: micro-batch before recompute -------------------------------------------------------
+
+# The cost model that ranks the ways to fit, as predicted time per token relative to an ideal run:
+#     (1 + MICRO_BATCH_FIXED_TOKENS / tokens per micro-batch) x (CHECKPOINTING_COST if checkpointing)
+# - Checkpointing recomputes every layer's forward inside the backward; the forward is 2N of a step's 6N FLOPs per
+#   token, so +33%.
+# - Each micro-batch pays a fixed cost (kernel launches and Python work per module, which do not grow with the
+#   tokens), which larger micro-batches amortize; the constant is that cost in tokens' worth of compute. CUDA: 2048,
+#   fitted to issue 14's H100 runs of a 1.07B Llama (4096 tokens per micro-batch 15.8k tok/s, 8192 tokens 18.8k:
+#   ratio 1.19). CPU: 64, not measured; CPU matmuls saturate at far smaller sizes, and any small constant keeps the
+#   order that matters (the largest micro-batch that fits first).
+# Gradient accumulation keeps the effective batch (micro-batch x accumulation) the recipe asked for, so the
+# optimisation step is the same; only the arithmetic is split.
+CHECKPOINTING_COST = 4 / 3
+MICRO_BATCH_FIXED_TOKENS = {"cuda": 2048, "cpu": 64}
+
+
+def predicted_relative_time(setup: TrainSetup) -> float:
+    """Time per token relative to an ideal run, by the cost model above."""
+    fixed = MICRO_BATCH_FIXED_TOKENS[setup.device]
+    return (1 + fixed / setup.tokens) * (CHECKPOINTING_COST if setup.gradient_checkpointing else 1.0)
+
+
+def layout_options(setup: TrainSetup) -> list[TrainSetup]:
+    """Every micro-batch that divides the batch (same effective batch through accumulation), with and without
+    checkpointing."""
+    effective = setup.batch_size * setup.grad_accum
+    return [replace(setup, batch_size=micro, grad_accum=effective // micro, gradient_checkpointing=checkpointing)
+            for micro in range(setup.batch_size, 0, -1) if setup.batch_size % micro == 0
+            for checkpointing in (False, True)]
+
+
+def choose_layout(shape: ModelShape, setup: TrainSetup, limit: int, model: str = "") -> tuple[TrainSetup, str]:
+    """The fastest predicted micro-batch / checkpointing combination whose planned peak fits `limit`; when none
+    does, the one with the smallest peak (the run may still fit, the plan is conservative). The reason names the
+    choice, its peak and the alternatives' predicted cost."""
+    options = [(predicted_relative_time(o), plan_memory(shape, o, model).peak_bytes, o) for o in layout_options(setup)]
+    fitting = [o for o in options if o[1] <= limit]
+    asked = f"batch {setup.batch_size} x accumulation {setup.grad_accum} does not fit ({human(options[0][1])} " \
+            f"planned against {human(limit)} of {setup.device} memory)"
+    if not fitting:
+        cost, peak, chosen = min(options, key=lambda o: o[1])
+        return chosen, f"{asked}; nothing fits, so the smallest plan: {_layout_name(chosen)} ({human(peak)})"
+    cost, peak, chosen = min(fitting, key=lambda o: (o[0], o[1]))
+    runner_up = [o for o in fitting if o[2] != chosen]
+    others = ", ".join(f"{_layout_name(o[2])} {o[0] / cost:.2f}x" for o in sorted(runner_up, key=lambda o: o[0])[:2])
+    return chosen, (f"{asked}; chose {_layout_name(chosen)} ({human(peak)}), the fastest predicted that fits"
+                    + (f" (predicted time vs it: {others})" if others else ""))
+
+
+def _layout_name(setup: TrainSetup) -> str:
+    return (f"micro-batch {setup.batch_size} x accumulation {setup.grad_accum}"
+            + (" with checkpointing" if setup.gradient_checkpointing else " without checkpointing"))
+
+
+# ---- packing: when it pays ---------------------------------------------------------------------------------------
+
+
+def packing_speedup(shape: ModelShape, lengths: list[int], batch: int, max_length: int, dense_mask: bool,
+                    seed: int = 0) -> float:
+    """Predicted time per real token unpacked / packed (> 1: packing is faster), by FLOPs.
+
+    Unpacked, each batch of `batch` rows (in a seeded random order, as the Trainer samples) is padded to its longest
+    row, and every padded token costs the linears (6N FLOPs) and causal attention over its row. Packed (TRL's bfd
+    into rows of `max_length`, padding-free), there is no padding; the attention either stays inside each sequence
+    (a varlen kernel: sum of L^2) or, with `dense_mask` (sdpa/eager with the block-diagonal mask transformers builds
+    from position ids), runs over the whole flattened batch of `batch` rows, the mask hiding but not skipping the
+    other sequences' pairs. Attention per query-key pair: 4 FLOPs per query channel per layer, x3 for the backward.
+    """
+    import random
+
+    lengths = [min(n, max_length) for n in lengths if n > 0]
+    if not lengths:
+        return 1.0
+    linear = 6 * shape.total_params
+    pair = 12 * shape.heads * shape.head_dim * shape.layers
+    order = lengths[:]
+    random.Random(seed).shuffle(order)
+    unpacked = 0.0
+    for start in range(0, len(order), batch):
+        rows = order[start:start + batch]
+        padded = max(rows)
+        unpacked += len(rows) * (padded * linear + padded * padded / 2 * pair)
+    total = sum(lengths)
+    if dense_mask:
+        flattened = min(total, batch * max_length)  # the tokens of one step, as one row
+        packed = total * linear + total * flattened * pair
+    else:
+        packed = total * linear + sum(n * n / 2 for n in lengths) * pair
+    return unpacked / packed
 
 
 def available_memory(device: str) -> int:
@@ -725,6 +821,8 @@ def format_plan(plan: Plan) -> str:
         for suggestion in plan.suggestions:
             tag = "fits" if suggestion["fits"] else "still too big"
             lines.append(f"    try {suggestion['change']}: peak {human(suggestion['peak_bytes'])} ({tag})")
+    if plan.layout:
+        lines.append(f"  gradient_checkpointing auto: {plan.layout}")
     return "\n".join(lines)
 
 

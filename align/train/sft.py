@@ -85,7 +85,8 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
     with timer.phase("data"):
         data = prepare_sft_data(recipe, tokenizer)
     steps = estimated_steps(recipe.train, len(data.train))
-    plan = plan_machine(recipe.model, recipe.train, steps, recipe, "sft")
+    plan = plan_machine(recipe.model, recipe.train, steps, recipe, "sft",
+                        lengths=[len(row["input_ids"]) for row in data.train])
     args = trainer_arguments(recipe, plan, partial_dir(out))
     evaluate_at_saves(args, bool(data.eval), recipe.train)
     config = sft_config(args)

@@ -137,21 +137,43 @@ class MachinePlan:
     gradient_checkpointing: bool
     torch_compile: bool
     reasons: dict[str, str] = field(default_factory=dict)
+    micro_batch: tuple[int, int] | None = None
+    """(per-device batch, accumulation) chosen because the recipe's batch does not fit; None: the recipe's."""
+    packing: bool | None = None
+    """Padding-free packing (SFT); None where the stage has no such choice."""
+    liger: bool = False
+    """Liger's fused layer kernels (RMSNorm, RoPE, SwiGLU) through the Trainer's `use_liger_kernel`."""
 
     def describe(self) -> dict[str, Any]:
         return {"precision": self.precision.name, "gradient_checkpointing": self.gradient_checkpointing,
-                "torch_compile": self.torch_compile, "reasons": {"precision": self.precision.reason, **self.reasons}}
+                "torch_compile": self.torch_compile, "micro_batch": self.micro_batch, "packing": self.packing,
+                "liger_kernel": self.liger, "reasons": {"precision": self.precision.reason, **self.reasons}}
+
+    def trainer_overrides(self) -> dict[str, Any]:
+        """The TRL/Trainer arguments these choices set (each choice already yields to the recipe's own setting)."""
+        overrides: dict[str, Any] = {"use_liger_kernel": self.liger}
+        if self.micro_batch is not None:
+            overrides["per_device_train_batch_size"], overrides["gradient_accumulation_steps"] = self.micro_batch
+        if self.packing is not None:
+            overrides["packing"] = self.packing
+        return overrides
 
 
 def plan_machine(model_spec: ModelSpec, train: dict[str, Any], steps: int, recipe: TrainRecipe | None = None,
-                 stage: str = "sft", ref: str | None = None) -> MachinePlan:
+                 stage: str = "sft", ref: str | None = None, lengths: list[int] | None = None) -> MachinePlan:
+    """`lengths`: the tokenized training rows' lengths (SFT), for the packing decision."""
     precision = pick_precision(model_spec.dtype)
     reasons: dict[str, str] = {}
+    micro_batch = None
     checkpointing = train.get("activation_checkpointing", train.get("gradient_checkpointing", model_spec.gradient_checkpointing))
     if checkpointing == "auto":
-        checkpointing, reasons["gradient_checkpointing"] = checkpointing_needed(recipe, stage, ref)
+        checkpointing, micro_batch, reasons["gradient_checkpointing"] = memory_layout(recipe, stage, ref)
     else:
         reasons["gradient_checkpointing"] = "requested"
+    packing = None
+    if stage == "sft":
+        packing, reasons["packing"] = packing_choice(model_spec, train, lengths)
+    liger, reasons["liger_kernel"] = liger_choice(train, ref)
     compile_ = train.get("torch_compile", model_spec.compile)
     if compile_ == "auto":
         # Chat batches change shape every step, and torch.compile recompiles for each new length: measured on the
@@ -160,24 +182,104 @@ def plan_machine(model_spec: ModelSpec, train: dict[str, Any], steps: int, recip
         reasons["torch_compile"] = "off: variable batch shapes make it recompile every step (opt in with --compile)"
     else:
         reasons["torch_compile"] = "requested"
-    return MachinePlan(precision, bool(checkpointing), bool(compile_), reasons)
+    return MachinePlan(precision, bool(checkpointing), bool(compile_), reasons, micro_batch, packing, liger)
 
 
-def checkpointing_needed(recipe: TrainRecipe | None, stage: str, ref: str | None) -> tuple[bool, str]:
-    """Checkpointing costs ~25% more compute, so it is on only when the memory planner says the run would not fit
-    without it (the same plan `--dry-run` prints)."""
+def memory_layout(recipe: TrainRecipe | None, stage: str, ref: str | None
+                  ) -> tuple[bool, tuple[int, int] | None, str]:
+    """(checkpointing, (micro-batch, accumulation) or None, reason). When the memory planner says the recipe's
+    batch would not fit, it picks the fastest predicted of a smaller micro-batch with accumulation (the same
+    effective batch), checkpointing (~33% more compute), or both (`estimate.choose_layout`); the same plan
+    `--dry-run` prints."""
     if recipe is None:
-        return False, "off: no plan to go by (turn on with --gradient-checkpointing)"
+        return False, None, "off: no plan to go by (turn on with --gradient-checkpointing)"
     from align.train.estimate import available_memory, human, plan_from_recipe
 
     try:
         plan = plan_from_recipe(recipe, stage, ref)  # type: ignore[arg-type]
     except AlignError as exc:  # a model the planner cannot describe: train as asked, say why
-        return False, f"off: the memory planner could not plan this model ({exc})"
-    limit = available_memory(plan.setup.device)
-    verdict = "on" if plan.setup.gradient_checkpointing else "off"
-    return plan.setup.gradient_checkpointing, (f"{verdict}: planned peak {human(plan.peak_bytes)} "
-                                              f"against {human(limit)} of {plan.setup.device} memory")
+        return False, None, f"off: the memory planner could not plan this model ({exc})"
+    setup = plan.setup
+    if plan.layout:
+        asked = int(recipe.train.get("per_device_train_batch_size", 8))
+        micro = (setup.batch_size, setup.grad_accum) if setup.batch_size != asked else None
+        return setup.gradient_checkpointing, micro, ("on: " if setup.gradient_checkpointing else "off: ") + plan.layout
+    limit = available_memory(setup.device)
+    verdict = "on" if setup.gradient_checkpointing else "off"
+    return setup.gradient_checkpointing, None, (f"{verdict}: planned peak {human(plan.peak_bytes)} "
+                                                f"against {human(limit)} of {setup.device} memory")
+
+
+# Attention paths that keep packed sequences apart, and how. Varlen kernels run each sequence alone; for sdpa and
+# eager, transformers (5.23, `masking_utils.find_packed_sequence_indices`) builds a block-diagonal causal mask from
+# position ids that restart at 0 when there is no attention mask and no cache (SFTTrainer passes use_cache=False):
+# tests/test_packing.py checks both against each sequence alone, and that the check catches a leaking path.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "kernels-community/flash-attn3")
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def packing_choice(model_spec: ModelSpec, train: dict[str, Any], lengths: list[int] | None) -> tuple[bool, str]:
+    """Padding-free packing (TRL's bfd) where the attention path keeps sequences apart and it is predicted faster.
+
+    A varlen kernel never computes across sequences, so packing only removes padding: always on. sdpa/eager keep
+    sequences apart with a mask over the whole flattened batch, so their attention grows with (batch x max_length)^2
+    instead of each sequence's length squared: on where `estimate.packing_speedup` (FLOPs, padding included)
+    predicts a gain, which on long-tailed chat data it does and on short uniform rows it does not."""
+    if "packing" in train or "padding_free" in train:
+        return bool(train.get("packing")), "requested"
+    attn = str(model_spec.attn)
+    if attn not in VARLEN_ATTENTION + MASKED_ATTENTION:
+        return False, f"off: attention {attn!r} is not known to keep packed sequences apart"
+    from align.train.estimate import load_shape
+
+    try:
+        shape = load_shape(model_spec.name)
+    except AlignError as exc:
+        return False, f"off: cannot read the model's config to decide ({exc})"
+    if not builds_packed_mask(shape.model_type):
+        return False, (f"off: {shape.model_type} does not build its mask with transformers' masking utilities, so "
+                       "packed sequences would attend to each other")
+    if attn in VARLEN_ATTENTION:
+        return True, f"on: {attn} runs each packed sequence alone (varlen), so packing only removes padding"
+    if not lengths:
+        return False, "off: no data lengths to predict its cost from"
+    from align.train.estimate import packing_speedup
+
+    batch = int(train.get("per_device_train_batch_size", 8))
+    max_length = int(train.get("max_length") or 1024)  # SFTConfig's default
+    speedup = packing_speedup(shape, lengths, batch, max_length, dense_mask=True)
+    how = (f"{attn} keeps sequences apart with a block-diagonal mask but computes attention over the whole "
+           f"flattened batch ({batch} x {max_length} tokens); predicted {speedup:.2f}x the unpacked speed")
+    return (True, f"on: {how}") if speedup > 1.0 else (False, f"off: {how} (turn on with --packing; it is exact)")
+
+
+def builds_packed_mask(model_type: str) -> bool:
+    """Whether the architecture's attention mask comes from `transformers.masking_utils`, which reads packed
+    sequences from position ids (older architectures build their own causal mask and do not)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return False
+    return hasattr(module, "create_causal_mask")
+
+
+def liger_choice(train: dict[str, Any], ref: str | None) -> tuple[bool, str]:
+    """Liger's fused layer kernels (RMSNorm, RoPE, SwiGLU; TRL keeps its own fused LM head instead of Liger's
+    cross-entropy) on CUDA when the package imports; `train.use_liger_kernel` decides when set."""
+    if "use_liger_kernel" in train:
+        return bool(train["use_liger_kernel"]), "requested"
+    if not torch.cuda.is_available():
+        return False, "off: no CUDA device (Liger's kernels are Triton GPU kernels)"
+    if ref == "model":
+        return False, ("off: the Trainer patches the policy only, so a separate reference model would run other "
+                       "kernels and fail the step-0 check (turn on with --set train.use_liger_kernel=true)")
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a broken install (e.g. no Triton) must not stop training
+        return False, f"off: liger-kernel does not import ({type(exc).__name__}; pip install 'alignmerge[gpu]')"
+    return True, "on: CUDA and liger-kernel installed (off with --set train.use_liger_kernel=false)"
 
 
 def trainer_arguments(recipe: TrainRecipe, plan: MachinePlan, workdir: Path) -> dict[str, Any]:
@@ -207,7 +309,7 @@ def trainer_arguments(recipe: TrainRecipe, plan: MachinePlan, workdir: Path) -> 
         "use_cpu": not torch.cuda.is_available(),
         "include_num_input_tokens_seen": "non_padding",
     }
-    merged = {**defaults, **recipe.train}
+    merged = {**defaults, **recipe.train, **plan.trainer_overrides()}
     merged["output_dir"] = str(workdir)  # artifacts always go through the atomic output dir
     # The plan already folded in either spelling of the flag; the kwargs keep the recipe's, under the installed name.
     flag, kwargs_name = checkpointing_argument_names()
