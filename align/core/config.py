@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from align.core.errors import AlignError, did_you_mean
+from align.core.flat_config import flat_to_recipe, is_flat_config
 
 
 class Section(BaseModel):
@@ -36,9 +37,33 @@ class ModelSpec(Section):
     """torch.compile the model; auto means off (chat batches vary in shape and it recompiles every step)."""
 
 
+class MixtureSource(Section):
+    """One source of a dataset mixture: all its rows, `rows` of them, or a `weight` share of them."""
+
+    path: str
+    """A local jsonl/json/csv/parquet file, a hub dataset id, or `builtin:NAME` (as data.path)."""
+    split: str | None = None
+    format: str | None = None
+    """Force this source's format (sources may differ in format; each is detected on its own)."""
+    rows: int | None = Field(default=None, gt=0)
+    """Take this many rows: a sample drawn with the seed, without replacement."""
+    weight: float | None = Field(default=None, gt=0)
+    """Take this share of the rows (a seeded sample); above 1 every row repeats floor(weight) times, plus a sample
+    for the fraction."""
+
+    @model_validator(mode="after")
+    def _rows_or_weight(self) -> "MixtureSource":
+        if self.rows is not None and self.weight is not None:
+            raise ValueError("give rows or weight, not both")
+        return self
+
+
 class DataSpec(Section):
     path: str = "builtin:pig-latin"
     """A local jsonl/json/csv/parquet file, a hub dataset id, or `builtin:NAME`."""
+    mixture: list[MixtureSource] | None = None
+    """Several sources instead of `path`, e.g. [{path: a.jsonl, rows: 100}, {path: b.jsonl, weight: 0.5}]; sampled
+    with train.seed, recorded per source in run.json's data record."""
     format: str | None = None
     """Force a format instead of detecting it."""
     split: str | None = None
@@ -52,6 +77,15 @@ class DataSpec(Section):
     """Drop invalid rows (and report how many) instead of stopping at the first."""
     loss_on: Literal["assistant", "last", "all"] = "assistant"
     """Which tokens carry loss: every assistant turn, the last assistant turn, or everything."""
+
+    @model_validator(mode="after")
+    def _path_or_mixture(self) -> "DataSpec":
+        default = type(self).model_fields["path"].default
+        if self.mixture is not None and self.path != default:
+            raise ValueError("give data.path or data.mixture, not both")
+        if self.mixture is not None and not self.mixture:
+            raise ValueError("data.mixture is empty")
+        return self
 
 
 class LoraSpec(Section):
@@ -206,8 +240,11 @@ def build_recipe(
     sets: tuple[str, ...] | list[str] = (),
     trl_config: type | None = None,
 ) -> TrainRecipe:
-    """Merge YAML < flags < --set, then validate. `flags` maps dotted keys to values (None = not given)."""
+    """Merge YAML < flags < --set, then validate. `flags` maps dotted keys to values (None = not given).
+    The YAML may also be a TRL / alignment-handbook flat config (align.core.flat_config)."""
     data = load_yaml(recipe_path) if recipe_path else {}
+    if trl_config is not None and is_flat_config(data, set(cls.model_fields), trl_config):
+        data = flat_to_recipe(data, set(cls.model_fields), trl_config, str(recipe_path))
     for key, value in flags.items():
         if value is not None:
             set_path(data, key, value)

@@ -29,9 +29,10 @@ import torch
 from transformers import set_seed
 
 from align.core.artifacts import Timer, partial_dir
-from align.core.config import DPORecipe
-from align.core.data import fingerprint_rows, load_preference_data
+from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec
+from align.core.data import PreferenceData, fingerprint_rows, load_preference_data
 from align.core.errors import AlignError
+from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
 from align.train.training import (
     attach_lora, check_run_inputs, estimated_steps, final_metrics, finish_training, log_series, lora_config,
@@ -118,8 +119,12 @@ def hold_out(rows: list[dict[str, Any]], share: float, seed: int) -> tuple[list[
 
 def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
     spec = recipe.data
-    loaded = load_preference_data(spec.path, spec.format, spec.split, spec.limit, spec.skip_invalid, spec.pairs,
-                                  spec.score_margin)
+    mixture = None
+    if spec.mixture:
+        mixture, loaded = preference_mixture(spec, int(recipe.train.get("seed", 0)))
+    else:
+        loaded = load_preference_data(spec.path, spec.format, spec.split, spec.limit, spec.skip_invalid, spec.pairs,
+                                      spec.score_margin)
     train, held = loaded.pairs, []
     if spec.eval_path:
         held = load_preference_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid, spec.pairs,
@@ -132,7 +137,7 @@ def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
         logging.getLogger(__name__).warning("skipped %d invalid rows (first: %s)", loaded.raw.skipped,
                                             loaded.raw.problems[0])
     record = {
-        "source": spec.path,
+        "source": "data.mixture" if mixture else spec.path,
         "format": loaded.format,
         "rows": len(loaded.raw),
         "pairs": len(train),
@@ -141,8 +146,23 @@ def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
         "rows_without_pair": loaded.rows_without_pair,
         "fingerprint": fingerprint_rows(train),
         "eval_fingerprint": fingerprint_rows(held) if held else None,
+        "mixture": mixture.sources if mixture else None,
     }
     return PreferenceSplits(train, held, record)
+
+
+def preference_mixture(spec: PreferenceDataSpec, seed: int) -> tuple[Mixture, PreferenceData]:
+    """data.mixture of preference sources: each read into pairs on its own, then pairs sampled with the seed."""
+    without_pair = []
+
+    def load(source: MixtureSource) -> Any:
+        loaded = load_preference_data(source.path, source.format or spec.format, source.split, None,
+                                      spec.skip_invalid, spec.pairs, spec.score_margin)
+        without_pair.append(loaded.rows_without_pair)
+        return loaded.pairs, loaded.format, loaded.raw
+
+    mixture = mix_sources(spec.mixture or [], load, seed, spec.limit)
+    return mixture, PreferenceData(*mixture.as_loaded(), rows_without_pair=sum(without_pair))
 
 
 @dataclass

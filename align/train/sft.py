@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from align.core.artifacts import Timer, partial_dir
-from align.core.config import SFTRecipe
+from align.core.config import DataSpec, MixtureSource, SFTRecipe
 from align.core.data import fingerprint_rows, load_sft_data, tokenize_sft_rows
 from align.core.errors import AlignError
+from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, load_model, load_tokenizer, resolve_model, template_contract
 from align.train.training import (
     attach_lora, check_run_inputs, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
@@ -32,7 +33,9 @@ class SFTData:
 def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
     """Read, validate, normalize and tokenize; hold out an eval split when asked."""
     spec = recipe.data
-    rows, fmt, raw = load_sft_data(spec.path, spec.format, spec.split, spec.limit, spec.skip_invalid)
+    mixture = sft_mixture(spec, int(recipe.train.get("seed", 0))) if spec.mixture else None
+    rows, fmt, raw = mixture.as_loaded() if mixture else load_sft_data(spec.path, spec.format, spec.split, spec.limit,
+                                                                       spec.skip_invalid)
     eval_rows: list[dict[str, Any]] = []
     if spec.eval_path:
         eval_rows, _, _ = load_sft_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid)
@@ -46,13 +49,14 @@ def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
     if not any(any(label != -100 for label in t["labels"]) for t in train):
         raise AlignError(f"{spec.path}: no row has any token to learn from (loss_on={spec.loss_on})")
     record = {
-        "source": spec.path,
+        "source": "data.mixture" if mixture else spec.path,
         "format": fmt,
         "rows": len(rows),
         "eval_rows": len(eval_rows),
         "skipped_invalid": raw.skipped,
         "fingerprint": fingerprint_rows(rows),
         "eval_fingerprint": fingerprint_rows(eval_rows) if eval_rows else None,
+        "mixture": mixture.sources if mixture else None,
         "train_tokens": sum(len(t["input_ids"]) for t in train),
         "loss_tokens": sum(sum(1 for x in t["labels"] if x != -100) for t in train),
     }
@@ -61,6 +65,14 @@ def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
 
         logging.getLogger(__name__).warning("skipped %d invalid rows (first: %s)", raw.skipped, raw.problems[0])
     return SFTData(train, tokenize_sft_rows(tokenizer, eval_rows, spec.loss_on), record)
+
+
+def sft_mixture(spec: DataSpec, seed: int) -> Mixture:
+    """data.mixture: each source read and normalized on its own, then sampled with the seed."""
+    def load(source: MixtureSource) -> Any:
+        return load_sft_data(source.path, source.format or spec.format, source.split, None, spec.skip_invalid)
+
+    return mix_sources(spec.mixture or [], load, seed, spec.limit)
 
 
 def sft_config(args: dict[str, Any]) -> Any:
