@@ -76,3 +76,11 @@ def test_tensorboard_event_files_hold_the_loss_series_of_run_json(tiny_model_dir
     assert [step for step, _ in logged] == [step for step, _ in expected]
     # TensorBoard stores float32 scalars
     assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6)
+
+
+def test_align_run_names_one_experiment_with_a_run_per_training_stage(tiny_model_dir, tmp_path):
+    from test_pipeline import stage_recipes, write_recipe
+
+    found = stage_recipes(write_recipe(tmp_path, tiny_model_dir), tmp_path / "my-run")
+    assert found and {name: (tracking_arguments(r)["project"], tracking_arguments(r)["run_name"])
+                      for name, r in found.items()} == {name: ("my-run", name) for name in found}

@@ -139,6 +139,8 @@ def stage_recipe(cls: type[TrainRecipe], stage: TrainStage, pipeline: Pipeline, 
         model = model.model_copy(update={"name": pipeline.path(stage.model)})
     fields = {**stage.recipe_fields(), **wired, "model": model.model_dump(),
               "output": str(pipeline.rundir / stage.name), "overwrite": True}
+    # the tracker groups a run's stages: one experiment per run dir, one run per stage (unless the stage names them)
+    fields["train"] = {"project": pipeline.rundir.resolve().name, "run_name": stage.name, **fields.get("train", {})}
     return validate(cls, fields, f"stage '{stage.name}'")
     return run_dpo(recipe)
 
