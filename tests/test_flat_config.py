@@ -269,3 +269,18 @@ def config_args(path: Path) -> list[str]:
 
     sft = main.commands["sft"]
     return ["--config", str(path)] if any("--config" in p.opts for p in sft.params) else [str(path)]
+
+
+def test_a_preference_mixture_samples_pairs_per_source(tmp_path):
+    from align.core.config import DPORecipe
+    from align.train.dpo import prepare_preference_data
+
+    explicit = write_jsonl(tmp_path / "explicit.jsonl", [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"}
+                                                         for i in range(6)])
+    hh = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: good",
+                                              "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad"} for i in range(4)])
+    recipe = DPORecipe.model_validate({"data": {"mixture": [{"path": str(explicit), "rows": 2},
+                                                            {"path": str(hh), "weight": 2.0}]}})
+    record = prepare_preference_data(recipe).record
+    assert record["pairs"] == 10 and record["source"] == "data.mixture"
+    assert [(s["format"], s["available"], s["taken"]) for s in record["mixture"]] == [("explicit", 6, 2), ("hh", 4, 8)]

@@ -49,6 +49,8 @@ def test_every_required_method_has_an_example():
     methods = {yaml.safe_load(p.read_text())["merge_method"] for p in EXAMPLES}
     assert REQUIRED <= methods
     assert all(p.stem == yaml.safe_load(p.read_text())["merge_method"] for p in EXAMPLES)
+    # each example opens with the command that runs it
+    assert all(p.read_text().startswith(f"# merge config recipes/merge/{p.name} -o ") for p in EXAMPLES)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
