@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, pick_precision
+from align.core.template import stop_token_ids
 from eval.suites import GenerationSpec
 
 Progress = Callable[[int], None]
@@ -44,10 +45,7 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     def stop_token_ids(self) -> list[int]:
-        configured = self.model.generation_config.eos_token_id
-        ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-        ids.add(self.tokenizer.eos_token_id)
-        return sorted(i for i in ids if i is not None)
+        return stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
 
 
 def load_for_eval(name: str, resolved: ResolvedModel, dtype: str = "auto") -> LoadedModel:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from align.core.errors import AlignError
-from align.core.models import ResolvedModel, resolve_model
+from align.core.models import ResolvedModel, resolve_model, tokenizer_source
 
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -38,6 +38,12 @@ class MergeInput:
                 "(download it first, or give a model dir, .gguf file or the embedded alias)"
             )
         return base
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """An adapter's own tokenizer, else its base's (the rule loading follows: models.tokenizer_source)."""
+        source = tokenizer_source(self.resolved)
+        return Path(source) if source != self.resolved.base else self.base_dir
 
     def describe(self) -> dict[str, Any]:
         return self.resolved.describe()
@@ -82,10 +88,8 @@ def vocabulary(item: MergeInput) -> dict[str, int]:
     """The token -> id map an input uses (an adapter's own tokenizer wins over its base's, as in training)."""
     from transformers import AutoTokenizer
 
-    adapter = item.resolved.adapter
-    source = adapter if adapter and (adapter / "tokenizer_config.json").is_file() else item.base_dir
     try:
-        return AutoTokenizer.from_pretrained(str(source)).get_vocab()
+        return AutoTokenizer.from_pretrained(str(item.tokenizer_dir)).get_vocab()
     except (OSError, ValueError) as exc:
         raise AlignError(f"{item.spec}: cannot load its tokenizer: {str(exc).splitlines()[0]}") from None
 

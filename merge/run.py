@@ -1,7 +1,8 @@
 """Running a merge: check inputs, build the mergekit configuration (or do adapter math), write OUT atomically.
 
-Data flow: resolve inputs → check them → (materialize adapters) → mergekit `run_merge` → fix the generation
-config → merge.json last. Adapter space skips mergekit: read factors → merge → write an adapter.
+Data flow: resolve inputs → check them → (materialize adapters) → mergekit `run_merge` → the chat template and a
+generation config that stops at end of turn (align.core.template) → merge.json last. Adapter space skips mergekit:
+read factors → merge → write an adapter.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from align.core.artifacts import Timer, check_output_dir, machine_info, output_d
 from align.core.config import load_yaml
 from align.core.errors import AlignError, did_you_mean
 from align.core.models import EMBEDDED_ALIAS, dir_fingerprint, resolve_model
+from align.core.template import write_template
 from merge import adapters as lora
 from merge import inputs as checks
 from merge.inputs import MergeInput
@@ -45,6 +47,9 @@ class MergeRequest:
     shard_size: str | None = None
     """Output shard size in bytes (`500M`, `2B`); mergekit holds one shard in memory before writing it."""
     overwrite: bool = False
+    template_source: str | None = None
+    """A model or adapter dir whose tokenizer (chat template, EOS/PAD) a merged model takes, instead of the one
+    mergekit copied from an input (the pipeline passes its SFT stage). Adapter-space merges keep their first input's."""
 
 
 def run_merge_request(request: MergeRequest) -> Path:
@@ -134,10 +139,11 @@ def _merge_models(request: MergeRequest, items: list[MergeInput], base: MergeInp
             run_mergekit(run_config, handle.path, seed=request.params.seed, shard_size=request.shard_size)
         write_mergekit_yaml(handle.path, shown_config, request)
         _name_inputs_in_card(handle.path / "README.md", {local[s]: shown[s] for s in local})
-        eos = fix_generation_config(handle.path)
+        eos = write_template(handle.path, request.template_source)
         record = _record(request, everyone, timer, output_kind="model", extra={
             "mode": "materialize" if any(i.is_adapter for i in everyone) else "models",
-            "mergekit_method": run_config["merge_method"], "eos_token_id": eos}, base=base)
+            "mergekit_method": run_config["merge_method"], "eos_token_id": eos,
+            "template_source": request.template_source}, base=base)
         handle.commit("merge.json", record)
     return request.out
 
@@ -225,8 +231,7 @@ def materialize_adapter(item: MergeInput, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = item.resolved.adapter
-    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else item.base_dir
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(item.tokenizer_dir))
     model = AutoModelForCausalLM.from_pretrained(str(item.base_dir), dtype=torch.float32)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -301,49 +306,6 @@ def write_mergekit_yaml(out: Path, config: dict[str, Any], request: MergeRequest
     (out / "mergekit_config.yml").write_text(header + yaml.safe_dump(config, sort_keys=False))
 
 
-# ---- generation config ------------------------------------------------------------------------------------------
-
-
-def end_of_turn_id(tokenizer: Any) -> int | None:
-    """The token the chat template closes an assistant turn with (`<|im_end|>` for ChatML), else EOS.
-
-    Generation must stop there: a merged model whose generation_config only knows the base's `<|endoftext|>`
-    runs on past the end of its answer.
-    """
-    if tokenizer.chat_template:
-        marker = "MERGE-END-OF-TURN-PROBE"
-        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception:  # templates may reject this shape (e.g. require a system turn); fall back to EOS
-            text = ""
-        if marker in text:
-            tail = tokenizer.encode(text.split(marker, 1)[1], add_special_tokens=False)
-            special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-            for token in tail:
-                if token in special:
-                    return int(token)
-    return tokenizer.eos_token_id
-
-
-def fix_generation_config(model_dir: Path) -> int | list[int] | None:
-    """Make generation stop at the end of an assistant turn (and at EOS); returns the eos_token_id written."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    try:
-        generation = GenerationConfig.from_pretrained(str(model_dir))
-    except OSError:
-        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(model_dir)))
-    stops = [i for i in (end_of_turn_id(tokenizer), tokenizer.eos_token_id) if i is not None]
-    stops = list(dict.fromkeys(stops))
-    generation.eos_token_id = stops[0] if len(stops) == 1 else stops or None
-    if tokenizer.pad_token_id is not None:
-        generation.pad_token_id = tokenizer.pad_token_id
-    generation.save_pretrained(str(model_dir))
-    return generation.eos_token_id
-
-
 # ---- adapters in adapter space ----------------------------------------------------------------------------------
 
 
@@ -378,9 +340,7 @@ def _merge_in_adapter_space(request: MergeRequest, items: list[MergeInput], base
 def _copy_tokenizer(item: MergeInput, out: Path) -> None:
     from transformers import AutoTokenizer
 
-    adapter = item.resolved.adapter
-    source = adapter if adapter and (adapter / "tokenizer_config.json").is_file() else item.base_dir
-    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(item.tokenizer_dir)).save_pretrained(str(out))
 
 
 # ---- merge config FILE ------------------------------------------------------------------------------------------
@@ -403,7 +363,7 @@ def run_config_file(path: Path, out: Path, overwrite: bool = False, seed: int | 
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise AlignError(f"{path}: mergekit failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
         write_mergekit_yaml(handle.path, raw, None)
-        eos = fix_generation_config(handle.path)
+        eos = write_template(handle.path)
         record = {
             "command": "config", "method": merge_config.merge_method, "config_file": str(path),
             "inputs": [_describe_reference(m) for m in merge_config.referenced_models()],

@@ -10,9 +10,8 @@ import torch
 
 from align.core import models
 from align.core.errors import AlignError
-from align.core.models import (
-    CHATML_TOKENS, LoadOptions, load_model, load_tokenizer, pick_precision, resolve_model,
-)
+from align.core.models import LoadOptions, load_model, load_tokenizer, pick_precision, resolve_model
+from align.core.template import CHATML_TOKENS, ensure_pad_token
 
 
 def test_resolve_model_dir(tiny_model_dir):
@@ -87,7 +86,7 @@ def test_pad_token_differs_from_eos():
 
     tokenizer = make_char_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
-    models.ensure_pad_token(tokenizer)
+    ensure_pad_token(tokenizer)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.pad_token == "<pad>"
 
 

@@ -222,3 +222,31 @@ def test_a_stage_cannot_set_the_output_the_pipeline_owns(tiny_model_dir, tmp_pat
     path.write_text(path.read_text().replace("    ref: adapter\n", "    ref: adapter\n    output: elsewhere\n"))
     with pytest.raises(AlignError, match="'output' is set by the pipeline"):
         load_pipeline(path)
+
+
+def test_a_merge_stage_takes_the_sft_template_before_its_record_is_written(tiny_model_dir, tmp_path):
+    from transformers import GenerationConfig
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""model: {{name: "{tiny_model_dir}", dtype: float32, compile: false}}
+stages:
+  - name: sft
+    kind: sft
+    data: {{path: "builtin:pig-latin", limit: 8}}
+    lora: {{r: 4, dropout: 0.0}}
+    train: {{max_steps: 1, per_device_train_batch_size: 4, save_steps: 100}}
+  - name: merged
+    kind: merge
+    method: slerp
+    models: [base, sft]
+    t: 0.5
+""")
+    rundir = tmp_path / "run"
+    run_pipeline(load_pipeline(recipe), rundir, progress=False)
+    merged = rundir / "merged"
+    record_path = merged / "merge.json"
+    others = [p for p in merged.rglob("*") if p.is_file() and p != record_path]
+    assert record_path.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in others)  # the record is written last
+    record = json.loads(record_path.read_text())
+    assert record["template_source"] == str(rundir / "sft")
+    assert record["eos_token_id"] == GenerationConfig.from_pretrained(str(merged)).eos_token_id

@@ -31,9 +31,9 @@ from align.core.models import (
     ResolvedModel,
     load_model,
     resolve_model,
-    template_contract,
     tokenizer_source,
 )
+from align.core.template import template_contract
 
 log = logging.getLogger(__name__)
 

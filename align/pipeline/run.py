@@ -22,7 +22,7 @@ from align.pipeline.report import run_eval_stage, write_report
 from align.pipeline.stages import (RECORDS, DPOStage, EvalStage, MergeStage, Pipeline, PipelineRecipe, SFTStage,
                                    TrainStage, stage_refs)
 from align.pipeline.sweep import run_merge_stage
-from align.pipeline.template import check_template_contract
+from align.pipeline.template import check_sft_template
 
 
 def load_pipeline(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> PipelineRecipe:
@@ -126,7 +126,7 @@ def run_dpo_stage(stage: DPOStage, pipeline: Pipeline) -> Path:
 
     adapter = pipeline.path(stage.adapter) if stage.adapter else None
     if adapter:
-        check_template_contract(Path(adapter))
+        check_sft_template(Path(adapter))
     data = {**stage.data.model_dump(), "path": pipeline.path(stage.data.path)}
     return run_dpo(stage_recipe(DPORecipe, stage, pipeline, {"adapter": adapter, "data": data}))
 

@@ -13,7 +13,7 @@ from align.core.artifacts import plot_series, write_json
 from align.core.errors import AlignError
 from align.pipeline.report import flat_metrics
 from align.pipeline.stages import MergeStage, Pipeline, SelectSpec, split_slice
-from align.pipeline.template import write_sft_template
+from align.pipeline.template import sft_stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,7 @@ def run_merge_stage(stage: MergeStage, pipeline: Pipeline) -> Path:
     candidates = stage.candidates()
     out = pipeline.rundir / stage.name
     if len(candidates) == 1:
-        result = merge_candidate(stage, pipeline, candidates[0], out)
-        write_sft_template(pipeline, result, stage.name)
-        return result
+        return merge_candidate(stage, pipeline, candidates[0], out)
     scratch = pipeline.rundir / f".{stage.name}.sweep"
     shutil.rmtree(scratch, ignore_errors=True)
     try:  # the scratch dir goes whether the sweep finishes or a candidate fails
@@ -41,7 +39,6 @@ def score_candidates(stage: MergeStage, pipeline: Pipeline, candidates: list[dic
     scored = []
     for i, candidate in enumerate(candidates):
         path = merge_candidate(stage, pipeline, candidate, scratch / f"candidate-{i}")
-        write_sft_template(pipeline, path, stage.name)
         metrics = score_candidate(stage.select, path, scratch / f"eval-{i}")  # type: ignore[arg-type]
         scored.append({"candidate": candidate, "path": str(path), "metrics": metrics,
                        "score": selection_score(stage.select.metric, metrics)})  # type: ignore[union-attr]
@@ -82,7 +79,8 @@ def merge_candidate(stage: MergeStage, pipeline: Pipeline, candidate: dict[str, 
     request = MergeRequest(method=stage.method, models=[pipeline.path(m) for m in stage.models], out=out,
                            slices=slices,
                            base=pipeline.path(stage.base) if stage.base else None, params=MergeParams(**params),
-                           mode="adapter" if stage.as_adapter else "auto", overwrite=True)
+                           mode="adapter" if stage.as_adapter else "auto", overwrite=True,
+                           template_source=str(sft) if (sft := sft_stage_dir(pipeline, stage.name)) else None)
     return run_merge_request(request)
 
 

@@ -16,7 +16,8 @@ from align.core.config import DataSpec, MixtureSource, SFTRecipe
 from align.core.data import fingerprint_rows, load_sft_data, tokenize_sft_rows
 from align.core.errors import AlignError
 from align.core.mixture import Mixture, mix_sources
-from align.core.models import LoadOptions, load_model, load_tokenizer, resolve_model, template_contract
+from align.core.models import LoadOptions, load_model, load_tokenizer, resolve_model
+from align.core.template import template_contract
 from align.train.training import (
     attach_lora, check_run_inputs, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
     log_series, plan_machine, progress_callback, quiet_trainer, run_record, train, trainer_arguments, training_run,
