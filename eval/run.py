@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.core.artifacts import Timer, check_output_dir, machine_info, output_dir, package_versions, peak_memory
+from align.core.artifacts import Timer, check_output_dir, output_dir, provenance
 from align.core.errors import AlignError
 from align.core.models import EMBEDDED_ALIAS, ResolvedModel, resolve_model
 from eval.generate import LoadedModel, free, load_for_eval, progress_bar
@@ -276,6 +276,5 @@ def _report(request: EvalRequest, suite: SuiteSpec, models: list[tuple[str, Reso
     report["deltas"] = compute_deltas(results, names)
     report["failed"] = [{"model": m, "task": t, "error": o["error"]} for m, tasks in results.items()
                         for t, o in tasks.items() if o.get("status") == "failed"]
-    report.update(timing={**{k: round(v, 3) for k, v in timer.phases.items()}, "total": round(timer.total(), 3)},
-                  memory=peak_memory(), machine=machine_info(), versions=package_versions())
+    report.update(provenance({k: round(v, 3) for k, v in timer.timings().items()}))
     return report

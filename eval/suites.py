@@ -18,9 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from align.core.config import load_yaml, validate
 from align.core.errors import AlignError, did_you_mean
 
 BUILTIN_SUITES_DIR = Path(__file__).parent / "builtin"
@@ -116,22 +116,10 @@ def load_suite(name_or_path: str | Path) -> SuiteSpec:
                              f"{did_you_mean(str(name_or_path), builtin_suites())} "
                              f"(built-in: {', '.join(builtin_suites())})")
         path = BUILTIN_SUITES_DIR / f"{name_or_path}.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f": line {mark.line + 1}" if mark else ""
-        raise AlignError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise AlignError(f"{path}: expected a mapping with 'name' and 'tasks'")
+    # the recipes' reader: one-line errors, and YAML 1.2 numbers (`lr: 1e-4` is a float, not a string)
+    raw = load_yaml(path, "suite", "expected a mapping with 'name' and 'tasks'")
     raw.setdefault("name", path.stem)
-    try:
-        suite = SuiteSpec.model_validate(raw)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        raise AlignError(f"{path}: {where + ': ' if where else ''}{message}") from None
+    suite = validate(SuiteSpec, raw, str(path))
     for task in suite.tasks:
         task.data = _anchor(task.data, path.parent)
     return suite

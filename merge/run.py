@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
-from align.core.artifacts import Timer, check_output_dir, machine_info, output_dir, package_versions, peak_memory
-from align.core.config import load_yaml
+from align.core.artifacts import Timer, check_output_dir, output_dir, provenance
+from align.core.config import load_yaml, one_line_error
 from align.core.errors import AlignError, did_you_mean
 from align.core.models import EMBEDDED_ALIAS, dir_fingerprint, resolve_model
 from align.core.template import write_template
@@ -291,9 +291,7 @@ def validate_mergekit_config(config: Any, where: str) -> Any:
     try:
         return MergeConfiguration.model_validate(config)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        location = ".".join(str(p) for p in first["loc"]) or "top level"
-        raise AlignError(f"{where}: {location}: {first['msg']}") from None
+        raise one_line_error(exc, where) from None
     except (RuntimeError, ValueError) as exc:
         raise AlignError(f"{where}: {str(exc).splitlines()[0]}") from None
 
@@ -368,8 +366,7 @@ def run_config_file(path: Path, out: Path, overwrite: bool = False, seed: int | 
             "command": "config", "method": merge_config.merge_method, "config_file": str(path),
             "inputs": [_describe_reference(m) for m in merge_config.referenced_models()],
             "parameters": raw, "output": {"kind": "model", "path": str(out)}, "eos_token_id": eos,
-            "wall_time_s": timer.total(), "phases": timer.phases, **peak_memory(),
-            "versions": package_versions(), "machine": machine_info(),
+            **provenance(timer.timings()),
         }
         handle.commit("merge.json", record)
     return out
@@ -431,9 +428,5 @@ def _record(request: MergeRequest, inputs: list[MergeInput], timer: Timer, outpu
                        "dtype": request.dtype},
         "output": {"kind": output_kind, "path": str(request.out)},
         **extra,
-        "wall_time_s": timer.total(),
-        "phases": timer.phases,
-        **peak_memory(),
-        "versions": package_versions(),
-        "machine": machine_info(),
+        **provenance(timer.timings()),
     }

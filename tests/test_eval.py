@@ -80,6 +80,16 @@ def test_suite_errors_are_one_line_and_located(tmp_path):
         load_suite(unknown_key)
 
 
+def test_suites_read_numbers_as_recipes_do(tmp_path):
+    # YAML 1.2, as recipes: `1e2` is a number (PyYAML's YAML 1.1 reads it as the string "1e2", not an integer)
+    path = tmp_path / "s.yaml"
+    path.write_text("tasks:\n  - {name: t, kind: generate, data: x.jsonl, generation: {max_new_tokens: 1e2}}\n")
+    assert load_suite(path).tasks[0].generation.max_new_tokens == 100
+    path.write_text("tasks:\n  - {name: t, kind: generate, data: x.jsonl\n")
+    with pytest.raises(AlignError, match=r"s\.yaml:\d+: invalid YAML"):
+        load_suite(path)
+
+
 def test_relative_data_paths_are_relative_to_the_suite_file(tmp_path):
     (tmp_path / "sub").mkdir()
     write_jsonl(tmp_path / "sub" / "d.jsonl", [{"text": "hello"}])

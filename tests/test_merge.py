@@ -71,7 +71,8 @@ def test_linear_is_weighted_sum(tiny_model_dir, tiny_model_dir_b, tmp_path):
         torch.testing.assert_close(merged[name], 0.7 * a[name] + 0.3 * b[name], rtol=1e-5, atol=1e-6)
     record = json.loads((out / "merge.json").read_text())
     assert record["method"] == "linear" and record["output"]["kind"] == "model"
-    assert [i["fingerprint"] for i in record["inputs"]] and record["wall_time_s"] > 0 and record["peak_rss_bytes"] > 0
+    assert [i["fingerprint"] for i in record["inputs"]] and record["timings_s"]["total"] > 0
+    assert record["memory"]["peak_rss_bytes"] > 0 and record["versions"]["mergekit"] and record["command"]
     assert not (tmp_path / "linear.partial").exists()
     assert_loads_and_generates(out)
 

@@ -202,6 +202,17 @@ class Timer:
     def total(self) -> float:
         return time.perf_counter() - self.started
 
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase and in all, as records store them."""
+        return {**self.phases, "total": self.total()}
+
+
+def provenance(timings: dict[str, float]) -> dict[str, Any]:
+    """What every record (run.json, merge.json, report.json) says about how it was made, under the same keys:
+    wall time per phase and in all, peak memory, package versions, the machine and the command line."""
+    return {"timings_s": timings, "memory": peak_memory(), "versions": package_versions(), "machine": machine_info(),
+            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}
+
 
 def plot_series(path: Path, series: dict[str, list[tuple[float, float]]], title: str, xlabel: str = "step") -> None:
     """A line plot of named (x, y) series; silently skipped when there is nothing to plot."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from align.core.artifacts import OutputDir, machine_info, package_versions, peak_memory, plot_series
+from align.core.artifacts import OutputDir, plot_series, provenance
 from align.core.config import LoraSpec, ModelSpec, TrainRecipe, recipe_dict
 from align.core.errors import AlignError
 from align.core.models import Precision, ResolvedModel, model_summary, pick_precision
@@ -609,11 +609,7 @@ def run_record(
         "parameters": model_summary(model),
         "log_history": history,
         "metrics": metrics,
-        "timings_s": timings,
-        "memory": peak_memory(),
-        "versions": package_versions(),
-        "machine": machine_info(),
-        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+        **provenance(timings),
         **(extra or {}),
     }
 
