@@ -69,7 +69,8 @@ def test_reference_modes_with_an_sft_adapter(ref, tiny_model_dir, sft_adapter, t
     record = record_of(out)
 
     assert record["reference"] == {"mode": ref, "adapter": str(sft_adapter.resolve()),
-                                   "model": str(sft_adapter) if ref == "model" else None}
+                                   "model": str(sft_adapter) if ref == "model" else None,
+                                   "requested": ref, "reason": "requested"}
     assert record["beta"] == 0.1 and record["loss_type"] == ["sigmoid"]
     check = record["step0_check"]
     assert check["passed"] and check["max_deviation"] <= check["tolerance"]
@@ -93,7 +94,10 @@ def test_reference_modes_with_an_sft_adapter(ref, tiny_model_dir, sft_adapter, t
 def test_fresh_lora_against_the_base_is_the_default_without_adapter(tiny_model_dir, tmp_path):
     out = run_dpo(recipe(tiny_model_dir, prefs(tmp_path), tmp_path / "out"), progress=False)
     record = record_of(out)
-    assert record["reference"] == {"mode": "base", "adapter": None, "model": None}
+    reference = record["reference"]
+    assert (reference["mode"], reference["adapter"], reference["model"], reference["requested"]) == \
+        ("base", None, None, "auto")  # 3 steps x 4 read 12 of the 16 pairs: auto keeps the base
+    assert "reads 12 of 16 pairs" in reference["reason"]
     assert record["step0_check"]["passed"]
 
     from peft import AutoPeftModelForCausalLM
@@ -169,7 +173,7 @@ def test_held_out_pairs_are_evaluated(tiny_model_dir, sft_adapter, tmp_path):
 
 def test_qlora_four_bit_base_with_the_adapter_as_reference(tiny_model_dir, sft_adapter, tmp_path):
     pytest.importorskip("bitsandbytes")
-    spec = recipe(tiny_model_dir, prefs(tmp_path, repeat=1), tmp_path / "q", sft_adapter, max_steps=1)
+    spec = recipe(tiny_model_dir, prefs(tmp_path, repeat=1), tmp_path / "q", sft_adapter, "adapter", max_steps=1)
     spec.model.quantize = "4bit"
     record = record_of(run_dpo(spec, progress=False))
     assert record["reference"]["mode"] == "adapter" and record["step0_check"]["passed"]
@@ -194,7 +198,7 @@ def test_cli_runs_and_records_flags(tiny_model_dir, sft_adapter, tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--ref", "adapter"], "--ref adapter needs the SFT adapter"),
-    (["--ref", "modle:x"], "ref: Value error, expected adapter, base, precompute or model:PATH"),
+    (["--ref", "modle:x"], "ref: Value error, expected (auto, )?adapter, base, precompute or model:PATH"),
     (["--set", "train.bta=0.1"], "unknown key 'train.bta'.*did you mean 'beta'"),
     (["--loss-type", "sigmoidd"], "DPO settings: Unknown loss type|invalid train settings"),
     (["--adapter", "ADAPTER", "--ref", "base"], "--ref base with an SFT adapter"),

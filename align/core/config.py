@@ -143,7 +143,8 @@ class DPORecipe(TrainRecipe):
     adapter: str | None = None
     """The SFT adapter dir: the policy starts as a copy of it, and (with ref=adapter) it is the reference."""
     ref: str | None = None
-    """adapter | base | precompute | model:PATH. Default: adapter when `adapter` is set, else base."""
+    """auto | adapter | base | precompute | model:PATH. Default (auto): precompute where the data allows it, else
+    adapter when `adapter` is set, else base (align.train.dpo.choose_reference)."""
     max_prompt_length: int | None = Field(default=None, gt=0)
     """Keep the last N prompt tokens (the ones nearest the answer). TRL 1.16's DPOConfig has only max_length."""
     max_completion_length: int | None = Field(default=None, gt=0)
@@ -152,11 +153,11 @@ class DPORecipe(TrainRecipe):
     @field_validator("ref")
     @classmethod
     def _known_reference(cls, value: str | None) -> str | None:
-        if value is None or value in ("adapter", "base", "precompute"):
+        if value is None or value in ("auto", "adapter", "base", "precompute"):
             return value
         if value.startswith("model:") and value.removeprefix("model:").strip():
             return value
-        raise ValueError("expected adapter, base, precompute or model:PATH")
+        raise ValueError("expected auto, adapter, base, precompute or model:PATH")
 
 
 # ---- loading and overriding --------------------------------------------------------------------------------------

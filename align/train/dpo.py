@@ -1,6 +1,8 @@
 """`align dpo`: preference alignment of a LoRA adapter with TRL's DPOTrainer, one base model in memory.
 
-Where the reference comes from (`--ref`, recorded in run.json under "reference"):
+Where the reference comes from (`--ref`, recorded in run.json under "reference" with the reason):
+- auto (the default): precompute where the data allows it, else adapter (base without an SFT adapter); see
+  `choose_reference`.
 - adapter: the policy is a trainable copy of the SFT adapter ("default"); the reference is a frozen copy ("ref") on
   the same base. TRL 1.16 makes that copy itself when it gets a PeftModel and no ref_model, and runs its reference
   forward under `use_adapter(model, "ref")`.
@@ -18,10 +20,11 @@ Stages, in data-flow order: validate inputs -> load data -> load models -> build
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +63,18 @@ STEP0_TOLERANCE = 1e-4
 class ReferencePlan:
     """Which reference the run uses; `describe()` is run.json's "reference"."""
 
-    mode: str
+    mode: ReferenceMode
     adapter: Path | None
     """The SFT adapter: the policy's starting point, and the reference in adapter (and precompute) mode."""
     model: str | None = None
     """The `model:PATH` spec."""
+    requested: str = "auto"
+    """What `--ref` asked for; `auto` is resolved into `mode` by `choose_reference`."""
+    reason: str = "requested"
 
     def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "adapter": str(self.adapter) if self.adapter else None, "model": self.model}
+        return {"mode": self.mode, "adapter": str(self.adapter) if self.adapter else None, "model": self.model,
+                "requested": self.requested, "reason": self.reason}
 
 
 def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
@@ -86,7 +93,10 @@ def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
                                  f"{recipe.model.name}")
     else:
         policy = resolve_model(recipe.model.name)  # an adapter dir as --model counts as the SFT adapter
-    mode = (recipe.ref or ("adapter" if policy.adapter else "base")).partition(":")[0]
+    requested = (recipe.ref or "auto").partition(":")[0]
+    # auto starts from the reference that always works and becomes precompute in `choose_reference` once the data is
+    # known; the checks below hold for both (precompute scores with the same reference).
+    mode = ("adapter" if policy.adapter else "base") if requested == "auto" else requested
     if mode == "adapter" and policy.adapter is None:
         raise AlignError("--ref adapter needs the SFT adapter: pass --adapter SFT_DIR (or --ref base for a fresh LoRA "
                          "against the base model)")
@@ -96,7 +106,43 @@ def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
     if policy.adapter is None and mode in ("base", "precompute") and recipe.lora.init in ("pissa", "loftq"):
         raise AlignError(f"lora.init={recipe.lora.init} rewrites the base weights, so the base with adapters disabled "
                          "is not the starting policy; use lora.init default or gaussian")
-    return policy, ReferencePlan(mode, policy.adapter, recipe.ref.removeprefix("model:") if mode == "model" else None)
+    model = recipe.ref.removeprefix("model:") if mode == "model" and recipe.ref else None
+    return policy, ReferencePlan(mode, policy.adapter, model, requested)
+
+
+def choose_reference(reference: ReferencePlan, train: dict[str, Any], pairs: int) -> ReferencePlan:
+    """`--ref auto` once the data is known: precompute where the reference's log-probs, computed once, stay valid
+    for the whole run and cost less than computing them in every step; else the adapter (the base without one).
+
+    Precompute is valid here because `align dpo` trains on a fixed list of pairs (no generation during training)
+    through the same collator TRL precomputes with, and the reference is frozen, unless `sync_ref_model` moves it.
+    It costs one reference forward per pair, the adapter mode one per pair read; a run that stops before reading
+    every pair once (max_steps) would precompute more than it saves."""
+    if reference.requested != "auto":
+        return reference
+    fallback = f"{reference.mode} (the frozen {'SFT adapter' if reference.mode == 'adapter' else 'base'})"
+    if train.get("sync_ref_model"):
+        return replace(reference, reason=f"{fallback}: sync_ref_model moves the reference during training, so "
+                                         "log-probs computed once would go stale")
+    read = pairs_read(train, pairs)
+    if read < pairs:
+        return replace(reference, reason=f"{fallback}: the run reads {read} of {pairs} pairs, and precomputing "
+                                         f"would score all {pairs}, more reference forwards than the {read} it needs")
+    return replace(reference, mode="precompute",
+                   reason=f"precompute: a fixed dataset ({pairs} pairs, {read} read in training) and a frozen "
+                          "reference, so its log-probs are computed once before training instead of in every step")
+
+
+def pairs_read(train: dict[str, Any], pairs: int) -> int:
+    """Pairs the run's optimizer steps read: max_steps x effective batch x processes, else every pair per epoch."""
+    import os
+
+    epochs = math.ceil(float(train.get("num_train_epochs", 3)))  # TrainingArguments' default
+    steps = int(train.get("max_steps", -1))
+    if steps <= 0:
+        return pairs * epochs
+    batch = int(train.get("per_device_train_batch_size", 8)) * int(train.get("gradient_accumulation_steps", 1))
+    return steps * batch * int(os.environ.get("WORLD_SIZE", "1"))
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -334,6 +380,29 @@ def dpo_arguments(recipe: DPORecipe, reference: ReferencePlan, trainer_args: dic
     return args
 
 
+@contextlib.contextmanager
+def library_bars_as_transformers() -> Iterator[None]:
+    """TRL's reference precompute draws a tqdm bar that only the TQDM_DISABLE variable turns off; while the
+    trainer is built (when it precomputes), follow transformers' progress-bar switch, which the CLI turns off with
+    the other libraries' chatter, so an error after it is still one line."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
 def build_trainer(recipe: DPORecipe, policy: ResolvedModel, reference: ReferencePlan, tokenizer: Any, config: Any,
                   data: PreferenceSplits, gradient_checkpointing: bool, callbacks: list[Any]) -> Any:
     from datasets import Dataset
@@ -342,17 +411,18 @@ def build_trainer(recipe: DPORecipe, policy: ResolvedModel, reference: Reference
     model, peft_config = load_policy(policy, recipe, tokenizer, gradient_checkpointing)
     ref_model = load_reference_model(reference.model, recipe, tokenizer, model) if reference.model else None
     try:
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=config,
-            data_collator=preference_collator(recipe, config, tokenizer),
-            train_dataset=Dataset.from_list(data.train),
-            eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
+        with library_bars_as_transformers():  # precompute's pass over the data runs inside
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=ref_model,
+                args=config,
+                data_collator=preference_collator(recipe, config, tokenizer),
+                train_dataset=Dataset.from_list(data.train),
+                eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=callbacks,
+            )
     except ValueError as exc:  # TRL's own checks on loss type, label smoothing, lm_head targets, ...
         raise AlignError(f"DPO settings: {str(exc).splitlines()[0]}") from None
     prepare_reference(trainer, reference)
@@ -368,6 +438,7 @@ def run_dpo(recipe: DPORecipe, progress: bool = True) -> Path:
         tokenizer = load_tokenizer(policy)
     with timer.phase("data"):
         data = prepare_preference_data(recipe)
+    reference = choose_reference(reference, recipe.train, len(data.train))
     steps = estimated_steps(recipe.train, len(data.train))
     # The memory planner knows adapter, precompute and model; a fresh LoRA against the base costs what adapter does.
     planned_ref = "adapter" if reference.mode == "base" else reference.mode
