@@ -79,11 +79,7 @@ def check_params(request: MergeRequest, count: int) -> None:
         if not request.slices:
             raise AlignError("stack needs at least one --slice MODEL:START-END")
         return
-    minimum = 1 if METHODS[method].needs_base else 2
-    if method == "slerp" and count != 2:
-        raise AlignError(f"slerp merges exactly 2 models; {count} given")
-    if count < minimum:
-        raise AlignError(f"{method} needs at least {minimum} models; {count} given")
+    METHODS[method].check_count(count)
     checks.check_count("--weights", params.weights, count, "models")
     if params.density is not None and len(params.density) not in (1, count):
         raise AlignError(f"--density: {len(params.density)} values given for {count} models (give 1 or {count})")
@@ -106,7 +102,7 @@ def check_distinct(items: list[MergeInput]) -> None:
 def use_adapter_space(request: MergeRequest, items: list[MergeInput]) -> bool:
     """Adapter space when asked (--as-adapter), and by default for linear over adapters on one base."""
     if request.mode == "adapter":
-        if METHODS[request.method].adapter_math is None:
+        if not METHODS[request.method].adapter_space:
             raise AlignError(f"{request.method} has no adapter-space form (layer stacking builds a new model)")
         return True
     if request.mode == "materialize" or request.method != "linear":

@@ -1,76 +1,52 @@
-"""Every mergekit method without a `merge` shortcut, through `merge config` with the example configs in
-recipes/merge/: each gives the very tensors mergekit gives when called directly on the same configuration."""
+"""The merge method registry: each method object carries its mergekit configuration, adapter math and defaults."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
-from merge.run import run_config_file
+from align.core.errors import AlignError
+from merge.methods import METHODS, MergeParams, Stack
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "recipes" / "merge").glob("*.yaml"))
-# the mergekit 0.1.5 methods issue 16 asks for, each with an example config
-REQUIRED = {"model_stock", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "nuslerp", "multislerp",
-            "karcher", "sce", "arcee_fusion", "nearswap"}
+PAIR = ["/models/a", "/models/b"]
 
 
-@pytest.fixture
-def models_here(tmp_path, monkeypatch, tiny_model_dir, tiny_model_dir_b, tiny_base_model_dir) -> Path:
-    """The examples name models/base, models/sft-a and models/sft-b: link the tiny models there and work there."""
-    models = tmp_path / "models"
-    models.mkdir()
-    for name, target in (("base", tiny_base_model_dir), ("sft-a", tiny_model_dir), ("sft-b", tiny_model_dir_b)):
-        (models / name).symlink_to(target, target_is_directory=True)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(shard)))
-    return tensors
-
-
-def run_mergekit_directly(config_path: Path, out: Path, seed: int) -> None:
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_builds_a_configuration_mergekit_accepts(name):
     from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
 
-    config = MergeConfiguration.model_validate(yaml.safe_load(config_path.read_text()))
-    run_merge(config, str(out), MergeOptions(random_seed=seed, copy_tokenizer=True, quiet=True))
-
-
-def test_every_required_method_has_an_example():
-    methods = {yaml.safe_load(p.read_text())["merge_method"] for p in EXAMPLES}
-    assert REQUIRED <= methods
-    assert all(p.stem == yaml.safe_load(p.read_text())["merge_method"] for p in EXAMPLES)
-    # each example opens with the command that runs it
-    assert all(p.read_text().startswith(f"# merge config recipes/merge/{p.name} -o ") for p in EXAMPLES)
+    method = METHODS[name]
+    assert method.name == name
+    params = MergeParams(slices=[("/models/a", 0, 2), ("/models/b", 1, 3)]) if isinstance(method, Stack) else MergeParams()
+    config = method.mergekit_config(PAIR, "/models/base" if method.needs_base else None, params)
+    assert config["merge_method"] == method.mergekit_method(params)
+    MergeConfiguration.model_validate(config)
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_merges_exactly_as_mergekit_does(example, models_here, tiny_model_dir, tiny_base_model_dir):
-    ours = run_config_file(example, models_here / "ours", seed=0)
-    run_mergekit_directly(example, models_here / "direct", seed=0)
-
-    merged, direct = weights(ours), weights(models_here / "direct")
-    assert set(merged) == set(direct) == set(weights(tiny_model_dir))
-    for name, tensor in merged.items():
-        assert torch.equal(tensor, direct[name]), name
-        assert torch.isfinite(tensor).all(), name
-    # a real merge: the result is none of its inputs
-    for source in (weights(tiny_model_dir), weights(tiny_base_model_dir)):
-        assert any(not torch.equal(tensor, source[name]) for name, tensor in merged.items())
-    assert (ours / "merge.json").is_file() and (ours / "mergekit_config.yml").is_file()
+def test_defaults_live_on_the_method():
+    linear = METHODS["linear"].mergekit_config(PAIR, None, MergeParams())
+    assert [m["parameters"]["weight"] for m in linear["models"]] == [0.5, 0.5]
+    assert linear["parameters"] == {"normalize": False}
+    ties = METHODS["ties"].mergekit_config(PAIR, "/models/base", MergeParams())
+    assert [m["parameters"] for m in ties["models"]] == [{"weight": 1.0, "density": 0.5}] * 2
+    assert "parameters" not in ties
+    assert METHODS["slerp"].mergekit_config(PAIR, None, MergeParams())["parameters"] == {"t": 0.5}
+    assert METHODS["dare"].mergekit_method(MergeParams()) == "dare_linear"
+    assert METHODS["dare"].mergekit_method(MergeParams(consensus=True)) == "dare_ties"
 
 
-def test_readme_table_documents_every_example():
-    readme = (ROOT / "README.md").read_text()
-    for example in EXAMPLES:
-        assert f"| `{example.stem}` |" in readme, example.stem
-        assert f"recipes/merge/{example.name}" in readme, example.name
+def test_adapter_math_is_the_method_s_own():
+    d0, d1 = torch.randn(4, 3), torch.randn(4, 3)
+    linear = METHODS["linear"].adapter_deltas(MergeParams(weights=[1.0, 3.0], normalize=True), 2, 2)
+    torch.testing.assert_close(linear("layers.0.q_proj", [d0, d1]), 0.25 * d0 + 0.75 * d1)
+    slerp = METHODS["slerp"].adapter_deltas(MergeParams(t=[0.0]), 2, 2)
+    torch.testing.assert_close(slerp("model.layers.0.q_proj", [d0, d1]), d0)
+    assert METHODS["stack"].adapter_deltas(MergeParams(), 2, 2) is None and not METHODS["stack"].adapter_space
+
+
+def test_model_counts_are_checked_by_the_method():
+    with pytest.raises(AlignError, match="slerp merges exactly 2 models; 3 given"):
+        METHODS["slerp"].check_count(3)
+    with pytest.raises(AlignError, match="linear needs at least 2 models; 1 given"):
+        METHODS["linear"].check_count(1)
+    METHODS["ties"].check_count(1)  # a task vector against the base
