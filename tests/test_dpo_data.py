@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import write_jsonl
 
-from align.core.data import DataError, detect_preference_format, load_preference_data, parse_hh_transcript
+from align.core.data import DataError
+from align.core.preferences import detect_preference_format, load_preference_data, parse_hh_transcript
 from align.core.errors import AlignError
 
 

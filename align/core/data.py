@@ -162,48 +162,48 @@ def detect_sft_format(row: dict[str, Any]) -> SFTFormat | None:
     return None
 
 
-def _fail(where: str, fieldname: str, problem: str) -> DataError:
+def field_error(where: str, fieldname: str, problem: str) -> DataError:
     return DataError(f"{where}: field '{fieldname}': {problem}")
 
 
-def _text(value: Any, where: str, fieldname: str, allow_empty: bool = False) -> str:
+def text_field(value: Any, where: str, fieldname: str, allow_empty: bool = False) -> str:
     if value is None:
-        raise _fail(where, fieldname, "missing")
+        raise field_error(where, fieldname, "missing")
     if not isinstance(value, str):
-        raise _fail(where, fieldname, f"expected a string, got {type(value).__name__}")
+        raise field_error(where, fieldname, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise _fail(where, fieldname, "empty content")
+        raise field_error(where, fieldname, "empty content")
     return value
 
 
 def check_messages(value: Any, where: str, fieldname: str, need_assistant: bool = True) -> list[dict[str, str]]:
     """Validate a list of {role, content} messages; return clean copies (only role and content)."""
     if value is None:
-        raise _fail(where, fieldname, "missing")
+        raise field_error(where, fieldname, "missing")
     if not isinstance(value, list):
-        raise _fail(where, fieldname, f"expected a list of messages, got {type(value).__name__}")
+        raise field_error(where, fieldname, f"expected a list of messages, got {type(value).__name__}")
     if not value:
-        raise _fail(where, fieldname, "empty conversation")
+        raise field_error(where, fieldname, "empty conversation")
     clean = []
     for i, message in enumerate(value):
         name = f"{fieldname}[{i}]"
         if not isinstance(message, dict):
-            raise _fail(where, name, f"expected an object with role and content, got {type(message).__name__}")
+            raise field_error(where, name, f"expected an object with role and content, got {type(message).__name__}")
         role = message.get("role")
         if role is None:
-            raise _fail(where, f"{name}.role", "missing")
+            raise field_error(where, f"{name}.role", "missing")
         if role not in ROLES:
-            raise _fail(where, f"{name}.role", f"unknown role '{role}' (expected one of {', '.join(ROLES)})")
-        clean.append({"role": role, "content": _text(message.get("content"), where, f"{name}.content")})
+            raise field_error(where, f"{name}.role", f"unknown role '{role}' (expected one of {', '.join(ROLES)})")
+        clean.append({"role": role, "content": text_field(message.get("content"), where, f"{name}.content")})
     if need_assistant and not any(m["role"] == "assistant" for m in clean):
-        raise _fail(where, fieldname, "no assistant message to learn from")
+        raise field_error(where, fieldname, "no assistant message to learn from")
     return clean
 
 
-def _as_messages(value: Any, role: str, where: str, fieldname: str) -> list[dict[str, str]]:
+def as_messages(value: Any, role: str, where: str, fieldname: str) -> list[dict[str, str]]:
     """A string becomes one message of `role`; a list is validated as messages."""
     if isinstance(value, str) or value is None:
-        return [{"role": role, "content": _text(value, where, fieldname)}]
+        return [{"role": role, "content": text_field(value, where, fieldname)}]
     return check_messages(value, where, fieldname, need_assistant=False)
 
 
@@ -213,38 +213,38 @@ def normalize_sft_row(row: dict[str, Any], fmt: SFTFormat, where: str) -> dict[s
     if fmt == "sharegpt":
         turns = row.get("conversations")
         if not isinstance(turns, list):
-            raise _fail(where, "conversations", "missing" if turns is None else "expected a list of turns")
+            raise field_error(where, "conversations", "missing" if turns is None else "expected a list of turns")
         messages = []
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict):
-                raise _fail(where, f"conversations[{i}]", "expected an object with from and value")
+                raise field_error(where, f"conversations[{i}]", "expected an object with from and value")
             speaker = turn.get("from")
             if speaker not in SHAREGPT_ROLES:
-                raise _fail(where, f"conversations[{i}].from",
+                raise field_error(where, f"conversations[{i}].from",
                             "missing" if speaker is None else f"unknown role '{speaker}' (expected human, gpt, system)")
             messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
         if row.get("system"):
             messages.insert(0, {"role": "system", "content": row["system"]})
         return {"messages": check_messages(messages, where, "conversations")}
     if fmt == "alpaca":
-        instruction = _text(row.get("instruction"), where, "instruction")
+        instruction = text_field(row.get("instruction"), where, "instruction")
         extra = row.get("input")
         if extra is not None and not isinstance(extra, str):
-            raise _fail(where, "input", f"expected a string, got {type(extra).__name__}")
+            raise field_error(where, "input", f"expected a string, got {type(extra).__name__}")
         prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         messages = [{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": _text(row.get("output"), where, "output")}]
+                    {"role": "assistant", "content": text_field(row.get("output"), where, "output")}]
         if row.get("system"):
-            messages.insert(0, {"role": "system", "content": _text(row["system"], where, "system")})
+            messages.insert(0, {"role": "system", "content": text_field(row["system"], where, "system")})
         return {"messages": messages}
     if fmt == "prompt_completion":
-        prompt = _as_messages(row.get("prompt"), "user", where, "prompt")
-        completion = _as_messages(row.get("completion"), "assistant", where, "completion")
+        prompt = as_messages(row.get("prompt"), "user", where, "prompt")
+        completion = as_messages(row.get("completion"), "assistant", where, "completion")
         if not any(m["role"] == "assistant" for m in completion):
-            raise _fail(where, "completion", "no assistant message")
+            raise field_error(where, "completion", "no assistant message")
         return {"messages": prompt + completion}
     if fmt == "text":
-        return {"text": _text(row.get("text"), where, "text")}
+        return {"text": text_field(row.get("text"), where, "text")}
     raise AlignError(f"unknown data format '{fmt}'")
 
 
@@ -408,197 +408,3 @@ def inspect_data(source: str, tokenizer: Any, fmt: str | None = None, split: str
         "example": render_loss_tokens(tokenizer, tokenized[0]),
         "fingerprint": fingerprint_rows(rows),
     }
-
-
-# ---- preference formats ------------------------------------------------------------------------------------------
-#
-# Every preference format becomes {"prompt": [messages ending in a user turn], "chosen": [assistant messages],
-# "rejected": [assistant messages]}: TRL's conversational preference form, rendered with the model's chat template.
-
-import re  # noqa: E402  (this section was appended to the module)
-
-PreferenceFormat = Literal["explicit", "implicit", "hh", "scored"]
-PREFERENCE_FORMATS: tuple[str, ...] = ("explicit", "implicit", "hh", "scored")
-PairSelection = Literal["best_worst", "all"]
-
-HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
-HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-SCORED_TEXT_KEYS = ("response", "text", "completion", "content", "output")
-SCORED_SCORE_KEYS = ("score", "overall_score", "rating", "fine-grained_score")
-
-
-def detect_preference_format(row: dict[str, Any]) -> PreferenceFormat | None:
-    keys = set(row)
-    if {"chosen", "rejected"} <= keys:
-        if "prompt" in keys:
-            return "explicit"
-        chosen = row.get("chosen")
-        return "hh" if isinstance(chosen, str) and "Assistant:" in chosen else "implicit"
-    if "completions" in keys or {"responses", "scores"} <= keys:
-        return "scored"
-    return None
-
-
-def parse_hh_transcript(text: Any, where: str, fieldname: str) -> list[dict[str, str]]:
-    """`\\n\\nHuman: ...\\n\\nAssistant: ...` into messages. Turn contents are stripped of surrounding whitespace."""
-    text = _text(text, where, fieldname)
-    if not text.startswith("\n\n"):
-        text = "\n\n" + text  # some copies drop the leading blank line
-    parts = HH_TURN.split(text)
-    if parts[0].strip() or len(parts) < 3:
-        raise _fail(where, fieldname, "not an HH transcript (expected '\\n\\nHuman: ...\\n\\nAssistant: ...' turns)")
-    messages = [{"role": HH_ROLES[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])]
-    for i, message in enumerate(messages):
-        if not message["content"] and i < len(messages) - 1:
-            raise _fail(where, f"{fieldname} turn {i + 1}", "empty content")
-    return messages
-
-
-def split_shared_prompt(
-    chosen: list[dict[str, str]], rejected: list[dict[str, str]], where: str
-) -> dict[str, list[dict[str, str]]]:
-    """Two full conversations into the shared prompt (their longest common run of whole messages) and the two
-    continuations, which must start with an assistant turn."""
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    if shared == len(chosen) and shared == len(rejected):
-        raise _fail(where, "rejected", "identical to chosen")
-    if shared == 0:
-        raise _fail(where, "chosen", "chosen and rejected share no prompt (they differ from the first message)")
-    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
-        rest = conversation[shared:]
-        if not rest:
-            raise _fail(where, name, "empty completion (the conversation ends where the shared prompt ends)")
-        if rest[0]["role"] != "assistant":
-            raise _fail(where, f"{name}[{shared}]", f"the completion starts with a '{rest[0]['role']}' turn, "
-                                                    "expected the assistant's answer to the shared prompt")
-        for i, message in enumerate(rest):
-            if not message["content"].strip():
-                raise _fail(where, f"{name}[{shared + i}].content", "empty completion")
-    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
-
-
-def _completion(value: Any, prompt: list[dict[str, str]], where: str, fieldname: str) -> list[dict[str, str]]:
-    """A completion as assistant messages; a full conversation that repeats the prompt is cut after it."""
-    messages = _as_messages(value, "assistant", where, fieldname)
-    if len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
-        messages = messages[len(prompt):]
-    if messages[0]["role"] != "assistant":
-        raise _fail(where, fieldname, f"expected an assistant answer, got a '{messages[0]['role']}' turn")
-    return messages
-
-
-def _preference_pair(prompt: list[dict[str, str]], chosen: Any, rejected: Any, where: str,
-                     names: tuple[str, str] = ("chosen", "rejected")) -> dict[str, Any]:
-    if prompt[-1]["role"] == "assistant":
-        raise _fail(where, "prompt", "ends with an assistant turn; the prompt must end with the turn being answered")
-    pair = {"prompt": prompt, "chosen": _completion(chosen, prompt, where, names[0]),
-            "rejected": _completion(rejected, prompt, where, names[1])}
-    if pair["chosen"] == pair["rejected"]:
-        raise _fail(where, names[1], f"identical to {names[0]}")
-    return pair
-
-
-def _scored_completions(row: dict[str, Any], where: str) -> list[tuple[float, Any, str]]:
-    """(score, text, field name) for each completion of an UltraFeedback-style row."""
-    if "completions" in row:
-        items = row["completions"]
-        if not isinstance(items, list) or not items:
-            raise _fail(where, "completions", "missing" if items is None else "expected a non-empty list")
-        out = []
-        for i, item in enumerate(items):
-            name = f"completions[{i}]"
-            if not isinstance(item, dict):
-                raise _fail(where, name, f"expected an object with a response and a score, got {type(item).__name__}")
-            text_key = next((k for k in SCORED_TEXT_KEYS if k in item), None)
-            score_key = next((k for k in SCORED_SCORE_KEYS if k in item), None)
-            if text_key is None:
-                raise _fail(where, name, f"no response text (expected one of {', '.join(SCORED_TEXT_KEYS)})")
-            if score_key is None:
-                raise _fail(where, name, f"no score (expected one of {', '.join(SCORED_SCORE_KEYS)})")
-            out.append((_score(item[score_key], where, f"{name}.{score_key}"), item[text_key], f"{name}.{text_key}"))
-        return out
-    responses, scores = row.get("responses"), row.get("scores")
-    if not isinstance(responses, list) or not isinstance(scores, list):
-        raise _fail(where, "responses" if not isinstance(responses, list) else "scores", "expected a list")
-    if len(responses) != len(scores):
-        raise _fail(where, "scores", f"{len(scores)} scores for {len(responses)} responses")
-    return [(_score(s, where, f"scores[{i}]"), r, f"responses[{i}]") for i, (r, s) in enumerate(zip(responses, scores))]
-
-
-def _score(value: Any, where: str, fieldname: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _fail(where, fieldname, f"expected a number, got {type(value).__name__}")
-    try:
-        return float(value)
-    except ValueError:
-        raise _fail(where, fieldname, f"expected a number, got {value!r}") from None
-
-
-def scored_pairs(row: dict[str, Any], where: str, selection: PairSelection = "best_worst",
-                 margin: float = 0.0) -> list[dict[str, Any]]:
-    """Preference pairs from scored completions: best vs worst, or every pair whose scores differ by more than
-    `margin`. Rows whose completions all tie (within the margin) give no pair."""
-    prompt = _as_messages(row.get("prompt", row.get("instruction")), "user", where,
-                          "prompt" if "prompt" in row or "instruction" not in row else "instruction")
-    completions = _scored_completions(row, where)
-    if len(completions) < 2:
-        raise _fail(where, "completions", "fewer than two completions to compare")
-    ranked = sorted(completions, key=lambda c: -c[0])
-    if selection == "best_worst":
-        candidates = [(ranked[0], ranked[-1])]
-    else:
-        candidates = [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:]]
-    return [_preference_pair(prompt, better[1], worse[1], where, (better[2], worse[2]))
-            for better, worse in candidates if better[0] - worse[0] > margin]
-
-
-def normalize_preference_row(row: dict[str, Any], fmt: PreferenceFormat, where: str,
-                             selection: PairSelection = "best_worst", margin: float = 0.0) -> dict[str, Any]:
-    """One raw row into {"pairs": [...]}: a list, since a scored row can give several pairs (or none)."""
-    if fmt == "explicit":
-        prompt = _as_messages(row.get("prompt"), "user", where, "prompt")
-        return {"pairs": [_preference_pair(prompt, row.get("chosen"), row.get("rejected"), where)]}
-    if fmt == "implicit":
-        chosen = check_messages(row.get("chosen"), where, "chosen")
-        rejected = check_messages(row.get("rejected"), where, "rejected")
-        return {"pairs": [split_shared_prompt(chosen, rejected, where)]}
-    if fmt == "hh":
-        chosen = parse_hh_transcript(row.get("chosen"), where, "chosen")
-        rejected = parse_hh_transcript(row.get("rejected"), where, "rejected")
-        return {"pairs": [split_shared_prompt(chosen, rejected, where)]}
-    if fmt == "scored":
-        return {"pairs": scored_pairs(row, where, selection, margin)}
-    raise AlignError(f"unknown preference format '{fmt}'")
-
-
-@dataclass
-class PreferenceData:
-    pairs: list[dict[str, Any]]
-    format: str
-    raw: Rows
-    rows_without_pair: int
-
-
-def load_preference_data(
-    source: str,
-    fmt: str | None = None,
-    split: str | None = None,
-    limit: int | None = None,
-    skip_invalid: bool = False,
-    selection: PairSelection = "best_worst",
-    margin: float = 0.0,
-) -> PreferenceData:
-    """Read and normalize preference rows into conversational prompt/chosen/rejected pairs."""
-    rows = read_rows(source, split, limit)
-
-    def normalize(row: dict[str, Any], chosen_fmt: Any, where: str) -> dict[str, Any]:
-        return normalize_preference_row(row, chosen_fmt, where, selection, margin)
-
-    normalized, chosen = normalize_rows(rows, fmt, normalize, detect_preference_format, PREFERENCE_FORMATS,
-                                        skip_invalid)
-    pairs = [pair for row in normalized for pair in row["pairs"]]
-    if not pairs:
-        raise DataError(f"{source}: no preference pair (every row's completions tie within the score margin {margin})")
-    return PreferenceData(pairs, chosen, rows, sum(1 for row in normalized if not row["pairs"]))

@@ -33,7 +33,8 @@ from transformers import set_seed
 
 from align.core.artifacts import Timer, partial_dir
 from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec
-from align.core.data import PreferenceData, fingerprint_rows, load_preference_data
+from align.core.data import fingerprint_rows
+from align.core.preferences import PreferenceData, load_preference_data
 from align.core.errors import AlignError
 from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
