@@ -34,10 +34,10 @@ from transformers import set_seed
 from align.core.artifacts import Timer, partial_dir
 from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec
 from align.core.data import fingerprint_rows
-from align.core.preferences import PreferenceData, load_preference_data
 from align.core.errors import AlignError
 from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
+from align.core.preferences import PreferenceData, load_preference_data
 from align.train.training import (
     attach_lora, check_run_inputs, estimated_steps, final_metrics, finish_training, log_series, lora_config,
     evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer, run_record, train,
@@ -297,17 +297,25 @@ def prepare_reference(trainer: Any, reference: ReferencePlan) -> None:
             param.requires_grad_(False)
             if quantized:  # TRL casts the trainable adapter to bf16 after copying it into "ref": round "ref" alike
                 param.data = param.data.to(model.get_parameter(name.replace(".ref.", ".default.")).dtype)
-    saved_file = reference.adapter / "adapter_model.safetensors"
-    if not saved_file.is_file():
-        return
-    from safetensors.torch import load_file
-
-    saved = load_file(str(saved_file))
+    saved = saved_adapter_weights(reference)
     current = get_peft_model_state_dict(model, adapter_name="ref")
     for key, tensor in saved.items():
         if key not in current or not torch.equal(current[key].cpu(), tensor.to(current[key].dtype)):
             raise AlignError(f"--ref {reference.mode}: the frozen reference adapter does not hold the weights saved in "
                              f"{reference.adapter} (first difference: {key})")
+
+
+def saved_adapter_weights(reference: ReferencePlan) -> dict[str, torch.Tensor]:
+    """The SFT adapter's weights as saved (safetensors, or PEFT's older adapter_model.bin), read by PEFT's own loader.
+    No saved weights is an error: the reference could then not be checked at all."""
+    from peft.utils import load_peft_weights
+
+    adapter = reference.adapter
+    assert adapter is not None
+    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise AlignError(f"--ref {reference.mode}: {adapter} has no adapter_model.safetensors (or .bin), so the "
+                         "frozen reference cannot be checked against the SFT adapter's weights")
+    return load_peft_weights(str(adapter), device="cpu")
 
 
 # ---- the step-0 reference check ----------------------------------------------------------------------------------
