@@ -111,3 +111,27 @@ def test_a_forward_with_a_cache_leaks_and_is_caught():
     sdpa/eager is exact in `align sft`; this shows the comparison would catch it if that changed."""
     loss_diff, _ = max_differences(tiny_model("sdpa"), use_cache=True)
     assert loss_diff > 100 * TOLERANCE
+
+
+def test_align_sft_trains_packed_and_records_why(tiny_model_dir, tmp_path):
+    """Packing asked for on sdpa runs through TRL's bfd packing with our pre-tokenized rows; run.json says so."""
+    import json
+
+    from align.core.config import SFTRecipe
+    from align.train.sft import run_sft
+
+    out = run_sft(SFTRecipe.model_validate({
+        "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+        "data": {"path": "builtin:pig-latin", "limit": 24},
+        "lora": {"r": 4},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 128, "packing": True,
+                  "save_steps": 100},
+        "output": str(tmp_path / "out"),
+    }), progress=False)
+    record = json.loads((out / "run.json").read_text())
+    assert record["machine_plan"]["packing"] is True and record["machine_plan"]["reasons"]["packing"] == "requested"
+    assert record["trainer_args"]["packing"] is True
+    losses = [h["loss"] for h in record["log_history"] if "loss" in h]
+    assert len(losses) == 2 and all(loss == loss for loss in losses)  # finite, not NaN
+    # two packed rows of up to 128 tokens per step hold far more than two ~50-token rows
+    assert record["log_history"][-1].get("num_input_tokens_seen", 0) > 2 * 2 * 60
