@@ -55,6 +55,9 @@ def handle_errors(fn: F) -> F:
         if not debug:
             quiet_libraries()
         try:
+            from align.core.versions import check_library_versions
+
+            check_library_versions()
             return fn(*args, **kwargs)
         except AlignError as exc:
             if debug:

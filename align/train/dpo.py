@@ -50,10 +50,11 @@ REFERENCE_MODES = ("adapter", "base", "precompute", "model")
 DPO_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5}
 
 # The step-0 check compares against exact values. Policy and reference run the same weights through the same
-# kernels, so in the adapter and base modes they agree bit for bit; precompute scores the same rows in other batches
-# (other padding) and model:PATH may hold the SFT adapter merged into the weights, which moves summed log-probs by
-# ~1e-5 nats in fp32. A wrong reference moves them by whole nats (the SFT adapter's effect on a completion), i.e.
-# rewards of ~beta nats. 1e-4 sits orders of magnitude from both.
+# kernels, so in the adapter and base modes they agree bit for bit, in every dtype; precompute is checked on the batch
+# the reference was precomputed on (same shapes, same kernels: see `precompute_batch`), so it agrees bit for bit too;
+# model:PATH runs a second copy of the weights (an adapter stays unmerged), ~1e-5 nats apart at most in fp32. A wrong
+# reference moves summed log-probs by whole nats (the SFT adapter's effect on a completion), i.e. rewards of ~beta
+# nats. 1e-4 sits orders of magnitude from both, and no dtype needs its own tolerance (tests/test_dpo_precision.py).
 STEP0_TOLERANCE = 1e-4
 
 
@@ -330,8 +331,28 @@ def step0_loss(loss_types: list[str], loss_weights: list[float] | None, beta: fl
     return sum(at_zero[t] * w for t, w in zip(loss_types, weights))
 
 
+def precompute_batch(trainer: Any) -> dict[str, Any]:
+    """The rows this process's first reference batch held when TRL precomputed the log-probs, collated the same
+    way, so the policy's step-0 forward has the very shapes (padding, batch size) the reference forward had.
+
+    Why not the first training batch: bf16 (and fp16) matmuls round differently for other shapes, and the shuffled
+    training batch puts each row beside other rows with other padding than the sequential precompute did. On long
+    multi-turn rows that rounding alone moved the summed log-probs by ~0.02 nats in bf16 (issue 12: margin -0.002 at
+    beta 0.1), enough to fail a check that must also catch a wrong reference. With the same batch the comparison no
+    longer depends on the training batch's composition, in any dtype, so the tolerance stays the same for all.
+    TRL precomputes in order (shuffle=False) in batches of `precompute_ref_batch_size` (else the training batch
+    size), each process taking every n-th batch, so process k's first batch is rows [k*B, (k+1)*B)."""
+    dataset = trainer.train_dataset
+    size = int(trainer.args.precompute_ref_batch_size or trainer.args.per_device_train_batch_size)
+    start = trainer.accelerator.process_index * size
+    start = start if start < len(dataset) else 0
+    rows = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+    return trainer.data_collator(rows)
+
+
 def check_reference_at_step0(trainer: Any, mode: str, tolerance: float = STEP0_TOLERANCE) -> dict[str, Any]:
-    """DPO loss and rewards on the first training batch, through TRL's own loss code, before any update.
+    """DPO loss and rewards on the first training batch (in precompute mode: the first batch the reference was
+    precomputed on, see `precompute_batch`), through TRL's own loss code, before any update.
 
     Dropout is off (eval mode) so policy and reference are deterministic; the RNG is restored so the check does not
     change the data order. Raises AlignError naming the reference mode when the policy is not its reference.
@@ -339,7 +360,8 @@ def check_reference_at_step0(trainer: Any, mode: str, tolerance: float = STEP0_T
     model = trainer.model
     was_training = model.training
     with torch.random.fork_rng(devices=[]):
-        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        batch = trainer._prepare_inputs(precompute_batch(trainer) if mode == "precompute"
+                                        else next(iter(trainer.get_train_dataloader())))
     model.eval()
     try:
         with torch.no_grad(), trainer.accelerator.autocast():

@@ -50,7 +50,8 @@ BNB_OPTIM_BLOCK = 256
 # Measured on the 2-core CPU machine in benchmarks/estimate_accuracy.py (see benchmarks/RESULTS.md): what the trainer,
 # dataset, accelerate and glibc's per-thread malloc arenas add above the post-import baseline before any tensor.
 CPU_FRAMEWORK_OVERHEAD = 80 * MiB
-# The CUDA context is outside `torch.cuda.max_memory_allocated` but inside what `nvidia-smi` shows.
+# The CUDA context is outside `torch.cuda.max_memory_allocated` but inside what `nvidia-smi` shows, so on CUDA the
+# plan predicts the allocator's peak (what the benchmarks measure) and `available_memory` leaves the context out.
 CUDA_CONTEXT = 500 * MiB
 
 
@@ -334,7 +335,10 @@ def trainable_params(shape: ModelShape, setup: TrainSetup) -> int:
 
 def trainable_bytes_per_param(setup: TrainSetup) -> int:
     """PEFT keeps adapter weights in fp32 even over a bf16 base (`autocast_adapter_dtype`); full FT trains the
-    weights in their own dtype."""
+    weights in their own dtype. Over a quantized base TRL casts the adapter to bf16 (QLoRA's recipe); counted on
+    CUDA only, where it was derived, so the CPU figures stay those measured in benchmarks/RESULTS.md."""
+    if setup.quantize and setup.device == "cuda" and not setup.full:
+        return 2
     return DTYPE_BYTES[setup.weights_dtype] if setup.full else 4
 
 
@@ -387,6 +391,8 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainSetup, sequences: int 
       v repeated to every query head; sdpa/flash keep only a per-row logsumexp;
     - LoRA on a linear: its dropout mask (1 byte/input) and lora_A's compute-dtype input.
     """
+    if setup.device == "cuda" and setup.residual_bytes == 2:
+        return cuda_layer_activation_bytes(shape, setup, sequences)
     a, r = setup.compute_bytes, setup.residual_bytes
     h, i = shape.hidden, shape.intermediate
     hq, hk = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -412,6 +418,55 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainSetup, sequences: int 
         per_token += 2 * a * hq  # repeat_kv
         quadratic = n * shape.heads * seq * seq * (4 + a)
     return n * seq * per_token + quadratic
+
+
+def cuda_layer_activation_bytes(shape: ModelShape, setup: TrainSetup, sequences: int | None = None) -> int:
+    """What autograd saves per decoder layer on a GPU with 16-bit weights (bf16/fp16, no autocast casts of the
+    weights), counted tensor by tensor for a Llama-style block and checked on the measured H100 peaks of issue 12:
+    - frozen base linears save nothing (autograd keeps a matmul's input only for its weight's gradient; bitsandbytes'
+      4-bit matmul keeps only the packed weight), so q/k/v, o, gate/up and down add no input copies;
+    - 2 RMSNorms: the fp32 upcast of their input (4h each); the rsqrt is per token;
+    - attention: rotated q and k, v, the output (a*(2hq + 2hk)), and SDPA's fp32 logsumexp per head (flash and
+      memory-efficient kernels: no seq x seq term; eager adds the probabilities);
+    - MLP: gate, up and act(gate) (3a*i); their product feeds only down_proj's LoRA;
+    - LoRA per targeted linear: lora_A's input (a*in): a new tensor where PEFT casts the input to the fp32 adapter
+      and autocast casts it back, or with dropout (plus its 1-byte mask); without either (QLoRA: TRL's bf16 adapter,
+      DPO's disabled dropout) the input itself, shared by the linears that read it; lora_A's output (a*r) twice.
+    """
+    a = setup.compute_bytes
+    h, i = shape.hidden, shape.intermediate
+    hq, hk = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    seq, n = setup.max_length, (sequences or setup.sequences)
+    per_token = 2 * 4 * h + a * (2 * hq + 2 * hk) + 4 * shape.heads + 3 * a * i
+    if not setup.full:
+        dropout = setup.active_lora_dropout > 0
+        recast = trainable_bytes_per_param(setup) != a
+        norms_read: set[str] = set()
+        for group in lora_groups(shape, setup.lora_targets):
+            if dropout or recast:
+                per_token += (1 if dropout else 0) * group.in_features + a * group.in_features
+            elif _is_output_projection(group.name):
+                per_token += a * group.in_features  # attention output / MLP product: saved by nothing else
+            elif (block := group.name.split(".")[0]) not in norms_read:  # one normed input per block (attn, mlp)
+                norms_read.add(block)
+                per_token += a * group.in_features
+            per_token += 2 * a * (setup.lora_r or 0)
+    quadratic = 0
+    if setup.attn == "eager":
+        per_token += 2 * a * hq  # repeat_kv
+        quadratic = n * shape.heads * seq * seq * (4 + a)
+    return n * seq * per_token + quadratic
+
+
+def backward_working_set(shape: ModelShape, setup: TrainSetup) -> tuple[int, str]:
+    """What the backward holds beside the saved tensors while it walks one layer. On CPU: about one layer's saved
+    activations (measured). On a GPU: the MLP's intermediate gradients (gate, up, act: 3a*i) and the residual
+    stream's gradient pair (2a*h) per token, which with the CUDA loss head matched the measured H100 peaks."""
+    if setup.device == "cuda" and setup.residual_bytes == 2:
+        a = setup.compute_bytes
+        per_token = 3 * a * shape.intermediate + 2 * a * shape.hidden
+        return setup.tokens * per_token, f"{setup.tokens:,} tokens x {per_token:,} B (MLP and residual gradients)"
+    return layer_activation_bytes(shape, setup), "one layer's activation gradients, about the size of what it saved"
 
 
 def _is_output_projection(name: str) -> bool:
@@ -440,7 +495,9 @@ def head_bytes(shape: ModelShape, setup: TrainSetup, tokens: int) -> tuple[int, 
         return tokens * vocab * (a + 8), f"{tokens:,} tokens x {vocab:,} vocab x ({a}+4+4) B"
     tile = min(tokens, HEAD_TOKEN_CHUNK) * min(vocab, HEAD_VOCAB_CHUNK)
     temporaries = HEAD_FP32_TEMPORARIES_CPU if setup.device == "cpu" else 0
-    vocab_slice = min(vocab, HEAD_VOCAB_CHUNK) * h * (a + 4)
+    # CPU: the torch fallback casts each vocabulary slice of the head's weight to fp32 for `_addmm_fp32`; the CUDA
+    # Triton kernel reads the weight as it is.
+    vocab_slice = min(vocab, HEAD_VOCAB_CHUNK) * h * (a + 4) if setup.device == "cpu" else 0
     total = tile * (a + 4 * temporaries) + tokens * (4 * h + 32) + vocab_slice
     return total, f"tile {min(tokens, HEAD_TOKEN_CHUNK)}x{min(vocab, HEAD_VOCAB_CHUNK)} x ({a}+{4 * temporaries}) B"
 
@@ -529,15 +586,16 @@ def plan_memory(shape: ModelShape, setup: TrainSetup, model: str = "", budget: i
                           " reclaimable"))
     if setup.stage == "dpo" and setup.ref == "model":
         terms.append(Term("reference model", weights, "persistent", "a frozen copy of the weights"))
-    overhead = CPU_FRAMEWORK_OVERHEAD if setup.device == "cpu" else CUDA_CONTEXT
+    overhead = CPU_FRAMEWORK_OVERHEAD if setup.device == "cpu" else 0
     terms.append(Term("framework overhead", overhead, "persistent",
-                      "trainer, dataset, allocator arenas (measured)" if setup.device == "cpu" else "CUDA context"))
+                      "trainer, dataset, allocator arenas (measured)" if setup.device == "cpu"
+                      else "none in max_memory_allocated (the CUDA context is taken off the device's memory)"))
 
     activations, act_how = activation_term(shape, setup)
     copy_layers = 1 if setup.gradient_checkpointing and not setup.full else shape.layers
     copies = autocast_weight_copy_bytes(shape, setup, copy_layers)
     head, head_how = head_bytes(shape, setup, setup.tokens)
-    working = layer_activation_bytes(shape, setup)
+    working, working_how = backward_working_set(shape, setup)
     grads = sharded(trainable * tb, setup, 2)
     # The backward frees each layer's saved tensors as it produces that layer's gradients, so gradients only add
     # to the peak beyond what has been freed: peak = saved + head + max(0, gradients - saved - head).
@@ -549,8 +607,7 @@ def plan_memory(shape: ModelShape, setup: TrainSetup, model: str = "", budget: i
         Term("compute-dtype weight copies", copies, "forward_backward",
              "bf16 casts of layer weights saved for the backward" if copies else "none"),
         Term("loss head", head, "forward_backward", head_how),
-        Term("backward working set", working, "forward_backward",
-             "one layer's activation gradients, about the size of what it saved"),
+        Term("backward working set", working, "forward_backward", working_how),
         Term("gradients", grads_beyond, "forward_backward",
              f"{trainable:,} x {tb} B = {human(grads)}, less the activations freed while they appear"),
         Term("step gradients", grads, "optimizer_step", "every gradient, held through the update"),
@@ -762,7 +819,7 @@ def available_memory(device: str) -> int:
     if device == "cuda":
         import torch
 
-        return int(torch.cuda.get_device_properties(0).total_memory)
+        return int(torch.cuda.get_device_properties(0).total_memory) - CUDA_CONTEXT
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
