@@ -304,7 +304,7 @@ def export(model: str, output: str, export_type: str, overwrite: bool, verify: b
     """Write MODEL (model dir, adapter dir, merged model, .gguf or hub id) as one GGUF file for llama.cpp / Ollama."""
     from pathlib import Path
 
-    from align.core.export import export_gguf, verify_round_trip
+    from align.core.export import CLEAR_MARGIN, export_gguf, verify_round_trip
 
     result = export_gguf(model, Path(output), export_type, overwrite)
     click.echo(f"wrote {result.path} ({result.type}, {result.bytes / 2**20:.1f} MiB, {result.tensors} tensors, "
@@ -312,7 +312,8 @@ def export(model: str, output: str, export_type: str, overwrite: bool, verify: b
     if verify:
         check = verify_round_trip(model, result.path)
         click.echo(f"round trip on {check.prompts} prompts ({check.positions} positions): max |logit diff| "
-                   f"{check.max_abs_diff:.4g}, top-1 agreement {check.top1_agreement:.4f}, mean KL {check.mean_kl:.3g}, "
+                   f"{check.max_abs_diff:.4g}, top-1 agreement {check.top1_agreement:.4f} ({check.top1_agreement_clear:.4f} "
+                   f"where the source leads by >= {CLEAR_MARGIN}), mean KL {check.mean_kl:.3g}, "
                    f"tokens {'match' if check.tokens_match else 'DIFFER'}, chat template "
                    f"{'matches' if check.chat_template_match else 'DIFFERS'}, eos "
                    f"{'matches' if check.eos_match else 'DIFFERS'}")

@@ -41,7 +41,7 @@ def make_bpe_tokenizer(vocab_size: int = 320, chat_template: str | None = CHATML
 
 
 def save_bpe_model(path: Path, seed: int = 0, tied: bool = False, chat_template: str | None = CHATML,
-                   extra_tokens: int = 0) -> Path:
+                   extra_tokens: int = 0, fit: bool = True) -> Path:
     tokenizer = make_bpe_tokenizer(chat_template=chat_template)
     model = make_tiny_llama(len(tokenizer), seed=seed)
     if tied:
@@ -51,7 +51,8 @@ def save_bpe_model(path: Path, seed: int = 0, tied: bool = False, chat_template:
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    fit_briefly(model, tokenizer)
+    if fit:
+        fit_briefly(model, tokenizer)
     model.save_pretrained(path, safe_serialization=True)
     if extra_tokens:
         tokenizer.add_tokens([f"<extra{i}>" for i in range(extra_tokens)])
@@ -105,8 +106,8 @@ def test_q8_0_export_agrees_on_top1_and_reports_kl(bpe_model_dir, tmp_path, cach
     f16 = export_gguf(str(bpe_model_dir), tmp_path / "m16.gguf", "f16")
     q8 = export_gguf(str(bpe_model_dir), tmp_path / "m8.gguf", "q8_0")
     check = verify_round_trip(str(bpe_model_dir), q8.path)
-    assert check.top1_agreement >= 0.99, check
-    assert 0 <= check.mean_kl < 1e-3, check
+    assert check.top1_agreement >= 0.99 and check.top1_agreement_clear >= 0.99, check
+    assert 0 <= check.mean_kl < 1e-2, check
     assert q8.bytes < f16.bytes
 
 
@@ -204,9 +205,9 @@ def test_preflight_errors_are_one_line_exit_2_and_write_nothing(case, message, b
     if case == "exists":
         out.write_bytes(b"old")
     elif case == "no_template":
-        source = save_bpe_model(tmp_path / "plain", chat_template=None)
+        source = save_bpe_model(tmp_path / "plain", chat_template=None, fit=False)
     elif case == "mismatch":
-        source = save_bpe_model(tmp_path / "grown", extra_tokens=3)
+        source = save_bpe_model(tmp_path / "grown", extra_tokens=3, fit=False)
     elif case == "arch":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -270,3 +271,19 @@ def greedy_tokens_agree(source: Path | str, gguf_file: Path, new_tokens: int) ->
             print(prompt, got, expected)
             return False
     return True
+
+
+@pytest.mark.slow
+def test_embedded_model_round_trips_in_f16_and_q8_0(tmp_path):
+    """SmolLM2-135M (tied embeddings, GQA 9/3 heads, 49152 tokens): f16 reproduces the logits up to f16 rounding;
+    Q8_0 keeps every top-1 the source decides clearly, and its few flips are near-ties."""
+    from align.core.export import export_gguf, verify_round_trip
+
+    f16 = export_gguf("smollm2-135m", tmp_path / "smol-f16.gguf", "f16")
+    check = verify_round_trip("smollm2-135m", f16.path)
+    assert check.max_abs_diff < 0.25 and check.top1_agreement_clear == 1.0, check
+    assert check.tokens_match and check.chat_template_match and check.eos_match, check
+    q8 = export_gguf("smollm2-135m", tmp_path / "smol-q8_0.gguf", "q8_0")
+    check = verify_round_trip("smollm2-135m", q8.path)
+    assert check.top1_agreement_clear >= 0.99 and check.top1_agreement >= 0.95 and check.mean_kl < 0.01, check
+    assert q8.bytes < 0.6 * f16.bytes

@@ -59,7 +59,15 @@ ROUND_TRIP_TEXTS = (
     "Translate into Pig Latin: the quick brown fox jumps over the lazy dog",
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     "1 + 1 = 2, 12 * 12 = 144, and 2026 is a year.",
+    "Once upon a time, in a small village at the edge of a great forest, there lived an old woman who kept bees. "
+    "Every morning she walked to the hives and listened to them hum, and every evening she wrote down what she had "
+    "heard in a thick leather book.",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make glucose and "
+    "oxygen. It takes place mainly in the leaves, inside small structures called chloroplasts.",
 )
+# Positions where the source's two best logits are closer than this are near-ties: any rounding may swap them, so
+# agreement is also reported on the positions the source decides clearly.
+CLEAR_MARGIN = 0.1
 ROUND_TRIP_CHATS = (
     [{"role": "user", "content": "Say hello in Pig Latin."}],
     [{"role": "user", "content": "What is the capital of Italy?"},
@@ -87,6 +95,9 @@ class RoundTrip:
     positions: int
     max_abs_diff: float
     top1_agreement: float
+    top1_agreement_clear: float
+    """Agreement on the positions where the source's top-1 logit leads the runner-up by CLEAR_MARGIN or more."""
+    clear_positions: int
     mean_kl: float
     tokens_match: bool
     chat_template_match: bool
@@ -374,14 +385,30 @@ def round_trip_prompts(tokenizer: Any) -> list[str]:
     return list(ROUND_TRIP_TEXTS) + chats
 
 
-def compare_logits(source: torch.Tensor, exported: torch.Tensor) -> tuple[float, int, float]:
-    """(max |diff|, positions whose argmax agrees, summed KL(source || exported)) over (positions, vocab) logits."""
-    source, exported = source.double(), exported.double()
-    log_p = torch.log_softmax(source, dim=-1)
-    log_q = torch.log_softmax(exported, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    agree = (source.argmax(-1) == exported.argmax(-1)).sum()
-    return float((source - exported).abs().max()), int(agree), float(kl.sum())
+@dataclass
+class LogitTally:
+    """Running sums over positions of (positions, vocab) logits from the source and the exported model."""
+
+    positions: int = 0
+    agree: int = 0
+    clear: int = 0
+    clear_agree: int = 0
+    kl: float = 0.0
+    max_abs_diff: float = 0.0
+
+    def add(self, source: torch.Tensor, exported: torch.Tensor) -> None:
+        source, exported = source.double(), exported.double()
+        log_p = torch.log_softmax(source, dim=-1)
+        log_q = torch.log_softmax(exported, dim=-1)
+        same = source.argmax(-1) == exported.argmax(-1)
+        best = source.topk(2, dim=-1).values
+        clear = (best[:, 0] - best[:, 1]) >= CLEAR_MARGIN
+        self.positions += source.shape[0]
+        self.agree += int(same.sum())
+        self.clear += int(clear.sum())
+        self.clear_agree += int((same & clear).sum())
+        self.kl += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())  # KL(source || exported) per position
+        self.max_abs_diff = max(self.max_abs_diff, float((source - exported).abs().max()))
 
 
 def verify_round_trip(spec: str, gguf_file: Path) -> RoundTrip:
@@ -397,18 +424,19 @@ def verify_round_trip(spec: str, gguf_file: Path) -> RoundTrip:
         exported = load_model(reloaded, LoadOptions(dtype="float32")).eval()
         exported_tokenizer = AutoTokenizer.from_pretrained(reloaded.base)
     prompts = round_trip_prompts(tokenizer)
-    max_diff, agree, kl, positions, tokens_match = 0.0, 0, 0.0, 0, True
+    tally, tokens_match = LogitTally(), True
     with torch.no_grad():
         for prompt in prompts:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             tokens_match &= exported_tokenizer(prompt, add_special_tokens=False)["input_ids"] == ids
             batch = torch.tensor([ids])
-            diff, same, kl_sum = compare_logits(source(batch).logits[0], exported(batch).logits[0])
-            max_diff, agree, kl, positions = max(max_diff, diff), agree + same, kl + kl_sum, positions + len(ids)
+            tally.add(source(batch).logits[0], exported(batch).logits[0])
     contract = template_contract(tokenizer, source)
     return RoundTrip(
-        prompts=len(prompts), positions=positions, max_abs_diff=max_diff, top1_agreement=agree / positions,
-        mean_kl=kl / positions, tokens_match=tokens_match,
+        prompts=len(prompts), positions=tally.positions, max_abs_diff=tally.max_abs_diff,
+        top1_agreement=tally.agree / tally.positions,
+        top1_agreement_clear=tally.clear_agree / max(tally.clear, 1), clear_positions=tally.clear,
+        mean_kl=tally.kl / tally.positions, tokens_match=tokens_match,
         chat_template_match=exported_tokenizer.chat_template == contract["chat_template"],
         eos_match=exported_tokenizer.eos_token == contract["eos_token"],
     )
