@@ -282,6 +282,25 @@ def check_attn_implementation(attn: str) -> str:
     return attn
 
 
+def check_bitsandbytes_backend(quantize: Quantize, device: str) -> None:
+    """Quantize one block on the device the model will load on, before anything is loaded or written: a
+    bitsandbytes without a backend for it (a CPU-only build on a GPU machine, a CUDA version it was not built for)
+    otherwise fails halfway through loading with a long traceback."""
+    import bitsandbytes
+    import bitsandbytes.functional as bnb_functional
+
+    try:
+        block = torch.zeros(64, dtype=torch.bfloat16, device=device)
+        if quantize == "4bit":
+            bnb_functional.quantize_4bit(block, quant_type="nf4")
+        else:
+            bnb_functional.int8_vectorwise_quant(block.to(torch.float16).view(1, -1))
+    except (RuntimeError, NotImplementedError, AttributeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AlignError(f"--quantize {quantize}: bitsandbytes {bitsandbytes.__version__} has no working backend for "
+                         f"{device} ({first}); install a bitsandbytes build for this device or drop --quantize") from None
+
+
 def quantization_config(quantize: Quantize | None, compute_dtype: torch.dtype) -> Any:
     if quantize is None:
         return None
@@ -289,6 +308,7 @@ def quantization_config(quantize: Quantize | None, compute_dtype: torch.dtype) -
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise MissingDependencyError("bitsandbytes", f"--quantize {quantize}") from None
+    check_bitsandbytes_backend(quantize, "cuda" if torch.cuda.is_available() else "cpu")
     from transformers import BitsAndBytesConfig
 
     if quantize == "4bit":

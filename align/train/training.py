@@ -531,6 +531,28 @@ def train(trainer: Any, checkpoint: str | None, workdir: Path) -> Any:
         if exc.errno in WRITE_ERRNOS:
             raise AlignError(f"cannot write to {workdir}: {exc.strerror}") from None
         raise
+    except torch.OutOfMemoryError:
+        raise AlignError(out_of_memory_message(trainer)) from None
+
+
+def out_of_memory_message(trainer: Any) -> str:
+    """One line for a GPU out of memory, with the memory planner's cheapest change for the run that failed (the
+    first of `estimate.candidate_changes`, the same order `align estimate --budget` suggests them in)."""
+    from align.train.estimate import TrainSetup, candidate_changes
+
+    args = trainer.args
+    model = trainer.model
+    quantize = ("4bit" if getattr(model, "is_loaded_in_4bit", False)
+                else "8bit" if getattr(model, "is_loaded_in_8bit", False) else None)
+    flag, _ = checkpointing_argument_names()
+    setup = TrainSetup(device="cuda", batch_size=int(args.per_device_train_batch_size),
+                       grad_accum=int(args.gradient_accumulation_steps), optim=str(getattr(args.optim, "value", args.optim)),
+                       gradient_checkpointing=bool(getattr(args, flag, False)), quantize=quantize)
+    changes = candidate_changes(setup)
+    fix = f"; try {changes[0][0]}" if changes else ""
+    return (f"CUDA out of memory at step {trainer.state.global_step} (batch {setup.batch_size}, "
+            f"{'with' if setup.gradient_checkpointing else 'no'} gradient checkpointing){fix} "
+            "(`--dry-run` prints the plan)")
 
 
 # ---- finishing a run ---------------------------------------------------------------------------------------------
