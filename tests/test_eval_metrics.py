@@ -25,6 +25,12 @@ def test_every_metric_dir_is_a_loadable_module(loader):
         assert loader.load(name).name == name
 
 
+def test_every_shipped_metric_is_built_by_the_one_factory(loader):
+    # evaluate.load(path) takes the first Metric subclass in the script's namespace: the factory's class
+    for name in shipped_metrics():
+        assert type(loader.load(name))._info.__qualname__ == "metric_class.<locals>._info"
+
+
 def test_exact_match_ignores_only_surrounding_whitespace(loader):
     result = compute(loader, "exact_match", ["ethay atcay ", "Ethay atcay", "x"], ["ethay atcay", "ethay atcay", "y"])
     assert result["per_example"] == [1.0, 0.0, 0.0]

@@ -5,16 +5,7 @@ Whole words, so the answer `12` is not found in `112`; a reference may list alte
 
 import re
 
-import datasets
-import evaluate
-
-_DESCRIPTION = "Share of predictions containing their reference as whole words (case-insensitive)."
-_KWARGS = """
-Args:
-    predictions (list[str]), references (list[str]; alternatives separated by '|').
-Returns:
-    contains (float, 0-1) and per_example (list[float]).
-"""
+from eval.metric_factory import per_example_metric
 
 
 def contains(prediction, reference):
@@ -25,15 +16,7 @@ def contains(prediction, reference):
     return 0.0
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
-class Contains(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation="", inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
-        )
-
-    def _compute(self, predictions, references):
-        scores = [contains(p, r) for p, r in zip(predictions, references)]
-        return {"contains": sum(scores) / max(len(scores), 1), "per_example": scores}
+Contains = per_example_metric(
+    "contains", "Share of predictions containing their reference as whole words (case-insensitive).", contains,
+    returns="contains (float, 0-1) and per_example (list[float]).",
+    inputs="predictions (list[str]), references (list[str]; alternatives separated by '|')")

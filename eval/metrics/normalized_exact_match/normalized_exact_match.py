@@ -6,16 +6,7 @@ The normalization is SQuAD's, so `The Eiffel Tower.` matches `eiffel tower`.
 import re
 import string
 
-import datasets
-import evaluate
-
-_DESCRIPTION = "Share of predictions equal to their reference after SQuAD-style normalization."
-_KWARGS = """
-Args:
-    predictions (list[str]), references (list[str]).
-Returns:
-    normalized_exact_match (float, 0-1) and per_example (list[float]).
-"""
+from eval.metric_factory import per_example_metric
 
 _PUNCTUATION = set(string.punctuation)
 
@@ -26,15 +17,7 @@ def normalize(text):
     return " ".join(text.split())
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
-class NormalizedExactMatch(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation="", inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
-        )
-
-    def _compute(self, predictions, references):
-        scores = [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references)]
-        return {"normalized_exact_match": sum(scores) / max(len(scores), 1), "per_example": scores}
+NormalizedExactMatch = per_example_metric(
+    "normalized_exact_match", "Share of predictions equal to their reference after SQuAD-style normalization.",
+    lambda prediction, reference: float(normalize(prediction) == normalize(reference)),
+    returns="normalized_exact_match (float, 0-1) and per_example (list[float]).")
