@@ -33,7 +33,7 @@ from align.core.models import (
     resolve_model,
     tokenizer_source,
 )
-from align.core.template import template_contract
+from align.core.template import end_of_turn_id, template_contract
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class ExportResult:
     tensors: int
     eos_token_id: int
     eos_token: str
+    eot_token_id: int | None
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,7 @@ def export_gguf(spec: str, out: Path, export_type: str = "f16", overwrite: bool 
     vocab = build_vocab(tokenizer, rows, spec)
     contract = template_contract(tokenizer, model)
     eos_id = tokenizer.convert_tokens_to_ids(contract["eos_token"])
+    eot_id = end_of_turn_id(tokenizer)
     add_bos, add_eos = adds_special_tokens(tokenizer)
     tensors = gguf_tensors(model, arch, export_type)  # type: ignore[arg-type]
 
@@ -342,10 +344,11 @@ def export_gguf(spec: str, out: Path, export_type: str = "f16", overwrite: bool 
         writer.add_token_merges(vocab.merges)
         if tokenizer.bos_token_id is not None:
             writer.add_bos_token_id(tokenizer.bos_token_id)
-        # EOS and end-of-turn are the token the SFT template contract ends assistant turns with, so llama.cpp stops
-        # where the trained model does (it also treats known end texts such as <|im_end|> as end-of-generation).
+        # EOS is the template contract's, EOT the token the chat template closes an assistant turn with (the same
+        # <|im_end|> for ChatML): llama.cpp stops at either, so it stops where the SFT-trained model does.
         writer.add_eos_token_id(eos_id)
-        writer.add_eot_token_id(eos_id)
+        if eot_id is not None:
+            writer.add_eot_token_id(eot_id)
         if tokenizer.unk_token_id is not None:
             writer.add_unk_token_id(tokenizer.unk_token_id)
         if tokenizer.pad_token_id is not None:
@@ -366,7 +369,7 @@ def export_gguf(spec: str, out: Path, export_type: str = "f16", overwrite: bool 
         partial.unlink(missing_ok=True)
         raise
     return ExportResult(out, export_type, out.stat().st_size, time.perf_counter() - started, len(tensors), eos_id,
-                        contract["eos_token"])
+                        contract["eos_token"], eot_id)
 
 
 def _rope_theta(config: Any) -> float:
