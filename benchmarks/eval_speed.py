@@ -5,6 +5,10 @@ compare across machines. Also reports how many batched outputs equal the one-at-
 
     .venv/bin/python benchmarks/eval_speed.py                       # 32 prompts, 32 new tokens, batch 16
     .venv/bin/python benchmarks/eval_speed.py --dtype float32 --examples 16
+    .venv/bin/python benchmarks/eval_speed.py --model models/llama-1b --data data/pig-latin.jsonl   # on a GPU
+
+`--data` takes any SFT data `align sft` reads (prompts are each row's conversation up to its last turn); on a CUDA
+machine the model runs on the GPU and each timed call is synchronized.
 """
 
 from __future__ import annotations
@@ -15,22 +19,27 @@ import sys
 import time
 
 from align.core.artifacts import machine_info, package_versions
-from align.core.data import render_chat
-from align.core.demo import builtin_dataset
+from align.core.data import load_sft_data, render_chat
 from align.core.models import EMBEDDED_ALIAS, pick_precision, resolve_model
 from eval.generate import LoadedModel, generate_texts, load_for_eval
 from eval.suites import GenerationSpec
 
 
 def timed(lm: LoadedModel, prompts: list[str], settings: GenerationSpec, batch_size: int) -> tuple[float, list[str]]:
+    import torch
+
     start = time.perf_counter()
     outputs = generate_texts(lm, prompts, settings, batch_size=batch_size)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start, outputs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=EMBEDDED_ALIAS)
+    parser.add_argument("--data", default="builtin:pig-latin", help="SFT data (default: held-out Pig Latin)")
+    parser.add_argument("--split", help="split of a built-in or hub dataset (default: seen for builtin data)")
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -38,7 +47,8 @@ def main() -> None:
     args = parser.parse_args()
 
     lm = load_for_eval("bench", resolve_model(args.model), args.dtype)
-    rows = builtin_dataset("pig-latin", "seen")[: args.examples]
+    split = args.split or ("seen" if args.data.startswith("builtin:") else None)
+    rows, _, _ = load_sft_data(args.data, split=split, limit=args.examples)
     prompts = [render_chat(lm.tokenizer, r["messages"][:-1], add_generation_prompt=True) for r in rows]
     settings = GenerationSpec(max_new_tokens=args.max_new_tokens)
     generate_texts(lm, prompts[:2], GenerationSpec(max_new_tokens=4), batch_size=2)  # warm-up: first-call costs
@@ -57,6 +67,8 @@ def main() -> None:
               file=sys.stderr)
     result = {
         "model": args.model,
+        "data": args.data,
+        "device": "cuda" if __import__("torch").cuda.is_available() else "cpu",
         "precision": pick_precision(args.dtype).name,
         "examples": len(prompts),
         "max_new_tokens": args.max_new_tokens,
