@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from align.core.errors import AlignError, did_you_mean
+from align.core.trl_fields import check_trl_values
 from align.core.flat_config import flat_to_recipe, is_flat_config
 
 
@@ -193,14 +194,25 @@ def load_yaml(path: str | Path, what: str = "recipe", expected: str = "a recipe 
     if not path.is_file():
         raise AlignError(f"{what} not found: {path}")
     try:
-        data = yaml_load(path.read_text()) or {}
+        data = yaml_load(path.read_bytes().decode("utf-8-sig")) or {}
+    except UnicodeDecodeError as exc:
+        raise AlignError(f"{path}: not UTF-8 text (byte at offset {exc.start}; save the file as UTF-8)") from None
+    except OSError as exc:
+        raise AlignError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise AlignError(f"{path}: nested too deeply to read") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise AlignError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise AlignError(f"{where}: invalid YAML ({_first_line(getattr(exc, 'problem', None) or exc)})") from None
     if not isinstance(data, dict):
         raise AlignError(f"{path}: {expected}")
     return data
+
+
+def _first_line(problem: Any) -> str:
+    """PyYAML's reader errors run over several lines; the first says what was wrong."""
+    return (str(problem).strip().splitlines() or [type(problem).__name__])[0]
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -254,6 +266,7 @@ def build_recipe(
     recipe = validate(cls, data, str(recipe_path or "recipe"))
     if trl_config is not None:
         check_trl_keys(recipe.train, trl_config, str(recipe_path or "train"))
+        recipe.train = check_trl_values(recipe, trl_config, str(recipe_path) if recipe_path else None)
     return recipe
 
 
@@ -267,7 +280,7 @@ def validate(cls: type[BaseModel], data: dict[str, Any], where: str) -> Any:
         if error["type"] == "extra_forbidden":
             section = _section_model(cls, error["loc"][:-1])
             hint = did_you_mean(str(error["loc"][-1]), list(section.model_fields)) if section else ""
-            raise AlignError(f"{where}: unknown key '{loc}'{hint}") from None
+            raise AlignError(f"{where}: unknown key {loc!r}{hint}") from None
         got = repr(error.get("input"))
         got = f" (got {got})" if len(got) <= 80 else ""
         raise AlignError(f"{where}: {loc or 'recipe'}: {error['msg']}{got}") from None
@@ -288,7 +301,7 @@ def check_trl_keys(train: dict[str, Any], config_cls: type, where: str) -> None:
     for key in train:
         if key not in names:
             raise AlignError(
-                f"{where}: unknown key 'train.{key}'{did_you_mean(key, sorted(names))} "
+                f"{where}: unknown key {'train.' + str(key)!r}{did_you_mean(key, sorted(names))} "
                 f"(train keys are {config_cls.__name__} fields)"
             )
 

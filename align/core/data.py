@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -73,36 +74,70 @@ def read_rows(source: str, split: str | None = None, limit: int | None = None) -
     return Rows(source, rows, locations)
 
 
+# Longest jsonl line (and largest .json/.csv file) read into memory: a multi-gigabyte line is a broken file, not a
+# row, and reading it whole would exhaust memory before json could say so. Tests lower it.
+MAX_LINE_BYTES = 256 * 1024 * 1024
+MAX_FILE_BYTES = 4 * 1024 * 1024 * 1024
+
+
 def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a local file. UTF-8 with or without a byte-order mark, LF or CRLF line ends (what Windows editors and
+    Excel write); anything else is one DataError naming the file, the line or row, and what was wrong."""
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .jsonl, .json, .csv or .parquet file")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [dict(r) for r in csv.DictReader(f)]
-        return rows, [f"{path}: row {i + 1}" for i in range(len(rows))]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
+    try:
+        return readers[suffix](path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to read") from None
 
-        rows = pq.read_table(path).to_pylist()
-        return rows, [f"{path}: row {i + 1}" for i in range(len(rows))]
-    raise DataError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
+
+def _decode(raw: bytes, path: Path, where: str) -> str:
+    """UTF-8 text with a leading byte-order mark dropped."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: {where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}; "
+                        "save the file as UTF-8)") from None
+
+
+def _line_of(raw: bytes, offset: int) -> int:
+    return raw.count(b"\n", 0, offset) + 1
+
+
+def _read_whole(path: Path, what: str) -> bytes:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise DataError(f"{path}: {size} bytes is more than a {what} file can hold in memory here "
+                        f"({MAX_FILE_BYTES} bytes; use .jsonl, which is read line by line)")
+    return path.read_bytes()
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     rows, locations = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        number = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise DataError(f"{path}: line {number}: longer than {MAX_LINE_BYTES} bytes (not a JSON Lines file?)")
+            line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw, path, f"line {number}")
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: line {number}: invalid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {number}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
@@ -111,18 +146,58 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    raw = _read_whole(path, "JSON")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: line {_line_of(raw, exc.start)}: not UTF-8 text (byte 0x{raw[exc.start]:02x}; "
+                        "save the file as UTF-8)") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of objects (or one key holding a list)")
+        raise DataError(f"{path}: expected a list of objects (or one key holding a list), got {type(data).__name__}")
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i + 1}: expected a JSON object, got {type(row).__name__}")
     return data, [f"{path}: row {i + 1}" for i in range(len(data))]
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    raw = _read_whole(path, "CSV")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: line {_line_of(raw, exc.start)}: not UTF-8 text (byte 0x{raw[exc.start]:02x}; "
+                        "save the file as UTF-8)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: list[dict[str, Any]] = []
+    try:
+        for row in reader:
+            if None in row:  # DictReader files values beyond the header under the key None
+                raise DataError(f"{path}: row {len(rows) + 1} (line {reader.line_num}): more values than the "
+                                f"{len(reader.fieldnames or [])} header columns")
+            rows.append(dict(row))
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num + 1}: invalid CSV ({exc})") from None  # not yet counted
+    return rows, [f"{path}: row {i + 1}" for i in range(len(rows))]
+
+
+def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not a readable parquet file ({first})") from None
+    return rows, [f"{path}: row {i + 1}" for i in range(len(rows))]
 
 
 def _read_hub(source: str, split: str | None) -> tuple[list[dict[str, Any]], list[str]]:
@@ -193,7 +268,7 @@ def check_messages(value: Any, where: str, fieldname: str, need_assistant: bool 
         if role is None:
             raise field_error(where, f"{name}.role", "missing")
         if role not in ROLES:
-            raise field_error(where, f"{name}.role", f"unknown role '{role}' (expected one of {', '.join(ROLES)})")
+            raise field_error(where, f"{name}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
         clean.append({"role": role, "content": text_field(message.get("content"), where, f"{name}.content")})
     if need_assistant and not any(m["role"] == "assistant" for m in clean):
         raise field_error(where, fieldname, "no assistant message to learn from")
@@ -219,9 +294,9 @@ def normalize_sft_row(row: dict[str, Any], fmt: SFTFormat, where: str) -> dict[s
             if not isinstance(turn, dict):
                 raise field_error(where, f"conversations[{i}]", "expected an object with from and value")
             speaker = turn.get("from")
-            if speaker not in SHAREGPT_ROLES:
+            if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
                 raise field_error(where, f"conversations[{i}].from",
-                            "missing" if speaker is None else f"unknown role '{speaker}' (expected human, gpt, system)")
+                            "missing" if speaker is None else f"unknown role {speaker!r} (expected human, gpt, system)")
             messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
         if row.get("system"):
             messages.insert(0, {"role": "system", "content": row["system"]})
@@ -260,7 +335,7 @@ def normalize_rows(
     if fmt is not None and fmt not in formats:
         from align.core.errors import did_you_mean
 
-        raise AlignError(f"unknown --format '{fmt}'{did_you_mean(fmt, formats)} (choose {', '.join(formats)})")
+        raise AlignError(f"unknown --format {fmt!r}{did_you_mean(fmt, formats)} (choose {', '.join(formats)})")
     chosen = fmt or detect(rows.rows[0])
     if chosen is None:
         raise DataError(

@@ -129,8 +129,8 @@ def _score(value: Any, where: str, fieldname: str) -> float:
         raise field_error(where, fieldname, f"expected a number, got {type(value).__name__}")
     try:
         return float(value)
-    except ValueError:
-        raise field_error(where, fieldname, f"expected a number, got {value!r}") from None
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond float range (JSON has no limit)
+        raise field_error(where, fieldname, f"expected a number, got {str(value)[:40]!r}") from None
 
 
 def scored_pairs(row: dict[str, Any], where: str, selection: PairSelection = "best_worst",
