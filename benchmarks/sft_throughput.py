@@ -12,6 +12,10 @@ MFU uses the usual 6*N FLOPs per token for training (forward 2N + backward 4N, N
 this machine's measured bf16 and fp32 matmul peaks.
 
     .venv/bin/python benchmarks/sft_throughput.py --steps 60 --repeats 2
+    .venv/bin/python benchmarks/sft_throughput.py --model models/llama-1b --data data/hh.jsonl   # any model and data
+
+On a CUDA machine every run trains on the GPU, and each result also carries `peak_cuda_bytes`
+(`torch.cuda.max_memory_allocated`); steady-state rates skip the first `--warmup` steps, which pay the one-off costs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from align.core.artifacts import proc_status_bytes
@@ -55,14 +60,25 @@ def rates(marks: list[tuple[float, int]], start: float, warmup: int) -> dict[str
     }
 
 
-def prompt_completion_rows(rows: int) -> list[dict[str, Any]]:
-    from align.core.demo import builtin_dataset
+@dataclass(frozen=True)
+class Source:
+    """What every configuration trains on: `--model` (any align model spec, e.g. benchmarks/make_model.py's output)
+    and `--data` (any SFT data align reads)."""
 
-    data = builtin_dataset("pig-latin", "train")[:rows]
-    return [{"prompt": [r["messages"][0]], "completion": [r["messages"][1]]} for r in data]
+    model: str = "smollm2-135m"
+    data: str = "builtin:pig-latin"
 
 
-def run_trl(config: str, steps: int, rows: int, batch: int, warmup: int, workdir: Path) -> dict[str, Any]:
+def prompt_completion_rows(rows: int, source: Source) -> list[dict[str, Any]]:
+    """The data as TRL's prompt-completion rows: the conversation up to its last turn, and that turn."""
+    from align.core.data import load_sft_data
+
+    data, _, _ = load_sft_data(source.data, limit=rows)
+    return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in data]
+
+
+def run_trl(config: str, steps: int, rows: int, batch: int, warmup: int, workdir: Path,
+            source: Source) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -71,11 +87,12 @@ def run_trl(config: str, steps: int, rows: int, batch: int, warmup: int, workdir
 
     from align.core.models import load_tokenizer, resolve_model
 
-    resolved = resolve_model("smollm2-135m")
+    resolved = resolve_model(source.model)
     tokenizer = load_tokenizer(resolved)
     common = dict(output_dir=str(workdir), max_steps=steps, per_device_train_batch_size=batch, logging_steps=1,
                   report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
-                  include_num_input_tokens_seen="non_padding", learning_rate=2e-4, use_cpu=True)
+                  include_num_input_tokens_seen="non_padding", learning_rate=2e-4,
+                  use_cpu=not torch.cuda.is_available())
     if config == "trl-same":
         # exactly what align-same resolves to on this machine
         from align.core.models import pick_precision
@@ -85,10 +102,14 @@ def run_trl(config: str, steps: int, rows: int, batch: int, warmup: int, workdir
                          lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0)
     else:  # TRL's own defaults for everything not needed to run
         args = SFTConfig(**common)
-    model = AutoModelForCausalLM.from_pretrained(resolved.base, dtype=torch.float32)
+    # trl-same loads what align resolves (bf16 weights on a GPU); TRL's defaults take the checkpoint as it is stored
+    from align.core.models import pick_precision
+
+    dtype = pick_precision("auto").weights if config == "trl-same" else "auto"
+    model = AutoModelForCausalLM.from_pretrained(resolved.base, dtype=dtype)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     timer = step_timer()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(prompt_completion_rows(rows)),
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(prompt_completion_rows(rows, source)),
                          processing_class=tokenizer, peft_config=lora, callbacks=[timer])
     start = time.perf_counter()
     trainer.train()
@@ -97,7 +118,8 @@ def run_trl(config: str, steps: int, rows: int, batch: int, warmup: int, workdir
         "torch_compile": args.torch_compile, "packing": args.packing}}
 
 
-def run_align(config: str, steps: int, rows: int, batch: int, warmup: int, workdir: Path) -> dict[str, Any]:
+def run_align(config: str, steps: int, rows: int, batch: int, warmup: int, workdir: Path,
+              source: Source) -> dict[str, Any]:
     import align.train.sft as sft
     from align.core.config import SFTRecipe
 
@@ -105,10 +127,10 @@ def run_align(config: str, steps: int, rows: int, batch: int, warmup: int, workd
     real = sft.progress_callback
     sft.progress_callback = lambda total, enabled=True: timer  # same hook point, no bar
     train: dict[str, Any] = {"max_steps": steps, "per_device_train_batch_size": batch, "save_steps": 10**6}
-    model: dict[str, Any] = {"name": "smollm2-135m"}
+    model: dict[str, Any] = {"name": source.model}
     if config == "align-same":
         model.update(compile=False, gradient_checkpointing=False)
-    recipe = SFTRecipe.model_validate({"model": model, "data": {"path": "builtin:pig-latin", "limit": rows},
+    recipe = SFTRecipe.model_validate({"model": model, "data": {"path": source.data, "limit": rows},
                                        "lora": {"r": 16}, "train": train, "output": str(workdir / "out")})
     start = time.perf_counter()
     out = sft.run_sft(recipe, progress=False)
@@ -118,7 +140,7 @@ def run_align(config: str, steps: int, rows: int, batch: int, warmup: int, workd
             "packing": record["trainer_args"].get("packing", False)}
 
 
-def worker(config: str, steps: int, rows: int, batch: int, warmup: int) -> None:
+def worker(config: str, steps: int, rows: int, batch: int, warmup: int, source: Source) -> None:
     import tempfile
 
     import torch
@@ -126,9 +148,11 @@ def worker(config: str, steps: int, rows: int, batch: int, warmup: int) -> None:
     baseline = proc_status_bytes("VmHWM")
     with tempfile.TemporaryDirectory() as tmp:
         runner = run_trl if config.startswith("trl") else run_align
-        result = runner(config, steps, rows, batch, warmup, Path(tmp))
+        result = runner(config, steps, rows, batch, warmup, Path(tmp), source)
     result.update(config=config, peak_rss_bytes=proc_status_bytes("VmHWM"), baseline_rss_bytes=baseline,
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(), device="cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():  # on a GPU the memory that matters is the allocator's peak
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     print("RESULT " + json.dumps(result))
 
 
@@ -136,12 +160,16 @@ def matmul_peak_gflops(dtype_name: str, n: int = 1024, repeats: int = 20) -> flo
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the peak of the device the runs trained on
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync()
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -151,24 +179,27 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--model", default=Source.model, help="any align model spec (default: the embedded model)")
+    parser.add_argument("--data", default=Source.data, help="any SFT data (default: builtin:pig-latin)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--worker")
     parser.add_argument("--json", type=Path, help="also write all results here")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.rows, args.batch, args.warmup)
+        worker(args.worker, args.steps, args.rows, args.batch, args.warmup, Source(args.model, args.data))
         return
 
     from align.core.artifacts import machine_info
     from align.core.models import resolve_model
 
-    resolve_model("smollm2-135m")  # convert once, outside the timed runs
+    resolve_model(args.model)  # convert once, outside the timed runs
     results: list[dict[str, Any]] = []
     for _ in range(args.repeats):
         for config in args.configs.split(","):
             proc = subprocess.run([sys.executable, __file__, "--worker", config, "--steps", str(args.steps),
-                                   "--rows", str(args.rows), "--batch", str(args.batch), "--warmup", str(args.warmup)],
+                                   "--rows", str(args.rows), "--batch", str(args.batch), "--warmup", str(args.warmup),
+                                   "--model", args.model, "--data", args.data],
                                   capture_output=True, text=True, cwd=ROOT, env={**os.environ, "ALIGNMERGE_QUIET": "1"})
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
@@ -178,7 +209,9 @@ def main() -> None:
                   f"{results[-1]['end_to_end_tok_s']:7.1f} tok/s  peak RSS {results[-1]['peak_rss_bytes'] / 2**30:.2f} GiB",
                   flush=True)
     peaks = {"bfloat16": matmul_peak_gflops("bfloat16"), "float32": matmul_peak_gflops("float32")}
-    params = 134_515_008  # SmolLM2-135M (tied embeddings counted once)
+    from align.train.estimate import load_shape
+
+    params = load_shape(args.model).total_params  # tied embeddings counted once
     summary = summarize(results, peaks, params)
     print(json.dumps(summary, indent=2))
     if args.json:
