@@ -271,19 +271,26 @@ def build_recipe(
 
 
 def validate(cls: type[BaseModel], data: dict[str, Any], where: str) -> Any:
-    """Validate with pydantic and turn the first error into one line, with a did-you-mean for unknown keys."""
+    """Validate with pydantic; the first error becomes one line (`one_line_error`)."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = ".".join(str(p) for p in error["loc"])
-        if error["type"] == "extra_forbidden":
-            section = _section_model(cls, error["loc"][:-1])
-            hint = did_you_mean(str(error["loc"][-1]), list(section.model_fields)) if section else ""
-            raise AlignError(f"{where}: unknown key {loc!r}{hint}") from None
-        got = repr(error.get("input"))
-        got = f" (got {got})" if len(got) <= 80 else ""
-        raise AlignError(f"{where}: {loc or 'recipe'}: {error['msg']}{got}") from None
+        raise one_line_error(exc, where, cls) from None
+
+
+def one_line_error(exc: ValidationError, where: str, cls: type[BaseModel] | None = None) -> AlignError:
+    """A pydantic ValidationError as one line: where, the field's dotted path, pydantic's message and the value
+    given (when short), with a did-you-mean for an unknown key of `cls`. Recipes, suites and mergekit
+    configurations all report through it."""
+    error = exc.errors()[0]
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden" and cls is not None:
+        section = _section_model(cls, error["loc"][:-1])
+        hint = did_you_mean(str(error["loc"][-1]), list(section.model_fields)) if section else ""
+        return AlignError(f"{where}: unknown key {loc!r}{hint}")
+    got = repr(error.get("input"))
+    got = f" (got {got})" if len(got) <= 80 else ""
+    return AlignError(f"{where}: {loc or 'top level'}: {error['msg']}{got}")
 
 
 def _section_model(cls: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:
