@@ -86,7 +86,7 @@ def test_planner_decision_reaches_the_trainer_arguments(tiny_model_dir, monkeypa
     limit = (half.peak_bytes + full.peak_bytes) // 2
     monkeypatch.setattr(estimate, "available_memory", lambda device: limit)
 
-    plan = plan_machine(recipe.model, train, 10, recipe, "sft")
+    plan = plan_machine(recipe.model, train, recipe, "sft")
     assert plan.micro_batch == (4, 2) and plan.gradient_checkpointing is False
     assert "micro-batch 4 x accumulation 2 without checkpointing" in plan.reasons["gradient_checkpointing"]
     assert plan.describe()["micro_batch"] == (4, 2)
@@ -94,7 +94,7 @@ def test_planner_decision_reaches_the_trainer_arguments(tiny_model_dir, monkeypa
     assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (4, 2)
 
     monkeypatch.setattr(estimate, "available_memory", lambda device: 10**15)
-    roomy = plan_machine(recipe.model, train, 10, recipe, "sft")
+    roomy = plan_machine(recipe.model, train, recipe, "sft")
     assert roomy.micro_batch is None and trainer_arguments(recipe, roomy, tmp_path)["per_device_train_batch_size"] == 8
 
 
@@ -104,7 +104,7 @@ def test_explicit_checkpointing_leaves_the_batch_alone(tiny_model_dir, monkeypat
     monkeypatch.setattr(estimate, "available_memory", lambda device: 1)
     recipe = SFTRecipe(model=ModelSpec(name=str(tiny_model_dir), dtype="float32", gradient_checkpointing=False),
                        train={"per_device_train_batch_size": 8})
-    plan = plan_machine(recipe.model, recipe.train, 10, recipe, "sft")
+    plan = plan_machine(recipe.model, recipe.train, recipe, "sft")
     assert plan.micro_batch is None and plan.gradient_checkpointing is False
 
 
@@ -152,11 +152,11 @@ def test_packing_requested_in_the_recipe_wins(tiny_model_dir):
 def test_packing_reaches_the_plan_and_the_trainer_arguments(tiny_model_dir, tmp_path):
     recipe = SFTRecipe(model=ModelSpec(name=str(tiny_model_dir), attn="flash_attention_2", dtype="float32",
                                        gradient_checkpointing=False))
-    plan = plan_machine(recipe.model, recipe.train, 10, recipe, "sft", lengths=SHORT_UNIFORM)
+    plan = plan_machine(recipe.model, recipe.train, recipe, "sft", lengths=SHORT_UNIFORM)
     assert plan.packing is True and plan.describe()["reasons"]["packing"].startswith("on: ")
     assert trainer_arguments(recipe, plan, tmp_path)["packing"] is True
-    dpo = plan_machine(recipe.model, recipe.train, 10, recipe, "dpo", "adapter")
-    assert dpo.packing is None and "packing" not in trainer_arguments(recipe, dpo, tmp_path)
+    dpo = plan_machine(recipe.model, recipe.train, recipe, "dpo", "adapter")
+    assert dpo.packing is None and "packing" not in dpo.trainer_overrides()
 
 
 # ---- Liger kernels --------------------------------------------------------------------------------------------------
