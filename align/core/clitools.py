@@ -44,8 +44,19 @@ def quiet_libraries() -> None:
         pass
 
 
+# Exit status of an unexpected exception (a bug): distinct from bad input (2), click usage errors (2) and 130.
+INTERNAL_ERROR_EXIT = 3
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a value quoted in it may carry line breaks)."""
+    text = str(exc).strip()
+    return text.replace("\r", "\\r").replace("\n", "\\n")[:2000]
+
+
 def handle_errors(fn: F) -> F:
-    """Turn AlignError into `error: ...` on stderr and exit 2; `--debug` (or ALIGNMERGE_DEBUG=1) re-raises."""
+    """Turn AlignError (and OSError/MemoryError) into `error: ...` on stderr and exit 2, any other exception into
+    `internal error: ...` and exit 3; `--debug` (or ALIGNMERGE_DEBUG=1) re-raises with the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -62,11 +73,29 @@ def handle_errors(fn: F) -> F:
         except AlignError as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own: usage errors print their usage and exit 2
+        except (OSError, MemoryError) as exc:
+            # The environment, not the input or a bug: a full disk, a denied write, an unreadable file, no memory.
+            if debug:
+                raise
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            reason = getattr(exc, "strerror", None) or one_line(exc) or type(exc).__name__
+            click.echo(f"error: {type(exc).__name__}: {reason}{where}", err=True)
+            sys.exit(AlignError.exit_code)
+        except Exception as exc:
+            # Anything else is a bug in alignmerge: one line and its own exit code, so scripts can tell it from bad
+            # input; output dirs are already cleaned up by the context managers the exception passed through.
+            if debug:
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {one_line(exc)} (run with --debug for the traceback)",
+                       err=True)
+            sys.exit(INTERNAL_ERROR_EXIT)
 
     return wrapper  # type: ignore[return-value]
 

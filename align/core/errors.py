@@ -6,7 +6,8 @@ from __future__ import annotations
 class AlignError(Exception):
     """A problem with the user's input or environment, reported as a single line.
 
-    Anything else that escapes a command is a bug in alignmerge and keeps its traceback.
+    Anything else that escapes a command is a bug in alignmerge: one `internal error:` line and exit code 3 (the
+    traceback with --debug).
     """
 
     exit_code = 2
