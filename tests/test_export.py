@@ -287,3 +287,21 @@ def test_embedded_model_round_trips_in_f16_and_q8_0(tmp_path):
     check = verify_round_trip("smollm2-135m", q8.path)
     assert check.top1_agreement_clear >= 0.99 and check.top1_agreement >= 0.95 and check.mean_kl < 0.01, check
     assert q8.bytes < 0.6 * f16.bytes
+
+
+def test_a_pipeline_export_stage_writes_the_file_and_the_report_names_it(bpe_model_dir, tmp_path, cache_dir):
+    from align.pipeline.run import load_pipeline, run_pipeline
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f'model: {{name: "{bpe_model_dir}", dtype: float32, compile: false}}\n'
+                      "stages:\n  - {name: gguf, kind: export, model: base, type: q8_0}\n")
+    rundir = tmp_path / "run"
+    run_pipeline(load_pipeline(recipe), rundir, progress=False)
+    record = json.loads((rundir / "gguf" / "export.json").read_text())
+    assert (rundir / "gguf" / "model.gguf").is_file() and record["type"] == "q8_0"
+    assert record["round_trip"]["top1_agreement"] >= 0.99 and record["round_trip"]["tokens_match"]
+    assert "`gguf/model.gguf` (q8_0" in (rundir / "report.md").read_text()
+    with pytest.raises(Exception, match="not an earlier stage"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(recipe.read_text().replace("model: base", "model: merged"))
+        load_pipeline(bad)

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from align.core.errors import AlignError
-from align.pipeline.stages import EvalStage, Pipeline
+from align.pipeline.export import export_lines
+from align.pipeline.stages import EvalStage, ExportStage, Pipeline
 
 
 def run_eval_stage(stage: EvalStage, pipeline: Pipeline) -> Path:
@@ -45,6 +46,13 @@ def write_report(pipeline: Pipeline, timings: dict[str, float]) -> None:
             lines += [f"| {m} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in metrics) + " |"
                       for m, r in rows.items()]
             lines.append("")
+    exports = [s for s in pipeline.recipe.stages
+               if isinstance(s, ExportStage) and (pipeline.rundir / s.name / "export.json").is_file()]
+    if exports:
+        lines += ["## GGUF files", ""]
+        for stage in exports:
+            lines += export_lines(stage, pipeline, json.loads((pipeline.rundir / stage.name / "export.json").read_text()))
+        lines.append("")
     lines += ["## Wall time per stage", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
     (pipeline.rundir / "report.md").write_text("\n".join(lines) + "\n")

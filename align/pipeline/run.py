@@ -17,6 +17,7 @@ from typing import Any
 from align.core.artifacts import is_complete, write_json
 from align.core.config import DPORecipe, ModelSpec, SFTRecipe, TrainRecipe, load_yaml, parse_set, set_path, validate
 from align.core.errors import AlignError
+from align.pipeline.export import run_export_stage
 from align.pipeline.pairs import run_pairs_stage
 from align.pipeline.report import run_eval_stage, write_report
 from align.pipeline.stages import (RECORDS, DPOStage, EvalStage, MergeStage, Pipeline, PipelineRecipe, SFTStage,
@@ -111,7 +112,7 @@ def _say(message: str) -> None:
 def run_stage(stage: Any, pipeline: Pipeline) -> Path:
     """Run one stage into RUNDIR/<name>, replacing what was there (the caller decided it is out of date)."""
     runners = {"sft": run_sft_stage, "pairs": run_pairs_stage, "dpo": run_dpo_stage, "merge": run_merge_stage,
-               "eval": run_eval_stage}
+               "eval": run_eval_stage, "export": run_export_stage}
     return runners[stage.kind](stage, pipeline)
 
 

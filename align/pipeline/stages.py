@@ -13,7 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from align.core.config import DPORecipe, ModelSpec, Section, SFTRecipe
 
 BASE = "base"
-RECORDS = {"sft": "run.json", "dpo": "run.json", "pairs": "pairs.json", "merge": "merge.json", "eval": "report.json"}
+RECORDS = {"sft": "run.json", "dpo": "run.json", "pairs": "pairs.json", "merge": "merge.json", "eval": "report.json",
+           "export": "export.json"}
 """The record each stage kind writes last: its presence means the stage's output is complete."""
 
 
@@ -122,7 +123,18 @@ class EvalStage(StageSpec):
     batch_size: int = 16
 
 
-Stage = Annotated[SFTStage | PairsStage | DPOStage | MergeStage | EvalStage, Field(discriminator="kind")]
+class ExportStage(StageSpec):
+    """An earlier stage's model (or `base`) as one GGUF file, RUNDIR/<name>/model.gguf (what `align export` writes)."""
+
+    kind: Literal["export"]
+    model: str
+    """The stage whose model is exported: a merge, or an SFT/DPO adapter (merged into its base at full precision)."""
+    type: Literal["f16", "q8_0"] = "f16"
+    verify: bool = True
+    """Load the file back through transformers' GGUF loader and record the logit comparison in export.json."""
+
+
+Stage = Annotated[SFTStage | PairsStage | DPOStage | MergeStage | EvalStage | ExportStage, Field(discriminator="kind")]
 
 
 class PipelineRecipe(Section):
@@ -159,6 +171,8 @@ def _referenced(stage: Any) -> list[str]:
         return [stage.model] if stage.model else []
     if isinstance(stage, EvalStage):
         return list(stage.models)
+    if isinstance(stage, ExportStage):
+        return [stage.model]
     return []
 
 
