@@ -5,6 +5,8 @@ Each configuration runs in a fresh subprocess (so peak RSS is its own), in an in
 
   (a) identical settings: trl-same vs align-same  (goal: tokens/s ratio >= 1.0, no overhead of ours)
   (b) defaults:           trl-defaults vs align-defaults (goal: align's machine defaults >= 2x TRL's defaults)
+  (c) packing:            align-packed (--packing, blocks of 256 tokens) vs align-defaults, the cost model's
+                          prediction for sdpa printed beside it (issue 14)
 
 Tokens/s counts non-padding tokens (the Trainer's `num_input_tokens_seen` with "non_padding"), measured over the
 steps after `--warmup` (steady state) and over the whole run including compilation (end to end).
@@ -34,6 +36,7 @@ from align.core.artifacts import proc_status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("trl-same", "align-same", "trl-defaults", "align-defaults")
+PACKED_BLOCK = 256  # align-packed's max_length: the demo rows are <= 65 tokens, so nothing is truncated
 
 
 def step_timer() -> Any:
@@ -130,6 +133,8 @@ def run_align(config: str, steps: int, rows: int, batch: int, warmup: int, workd
     model: dict[str, Any] = {"name": source.model}
     if config == "align-same":
         model.update(compile=False, gradient_checkpointing=False)
+    if config == "align-packed":
+        train.update(packing=True, max_length=PACKED_BLOCK)
     recipe = SFTRecipe.model_validate({"model": model, "data": {"path": source.data, "limit": rows},
                                        "lora": {"r": 16}, "train": train, "output": str(workdir / "out")})
     start = time.perf_counter()
@@ -213,10 +218,25 @@ def main() -> None:
 
     params = load_shape(args.model).total_params  # tied embeddings counted once
     summary = summarize(results, peaks, params)
+    if "align-packed" in args.configs.split(","):
+        summary["c_packed_predicted_speedup"] = predicted_packing_speedup(args.rows, args.batch)
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_info(), "args": vars(args) | {"json": str(args.json)},
                                          "results": results, "summary": summary}, indent=2, default=str))
+
+
+def predicted_packing_speedup(rows: int, batch: int) -> float:
+    """What align's packing decision predicts for align-packed against align-defaults (sdpa, the same rows)."""
+    from align.core.data import tokenize_sft_rows
+    from align.core.demo import builtin_dataset
+    from align.core.models import load_tokenizer, resolve_model
+    from align.train.estimate import load_shape, packing_speedup
+
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
+    lengths = [len(t["input_ids"]) for t in tokenize_sft_rows(tokenizer, builtin_dataset("pig-latin", "train")[:rows],
+                                                              "assistant")]
+    return packing_speedup(load_shape("smollm2-135m"), lengths, batch, PACKED_BLOCK, dense_mask=True)
 
 
 def summarize(results: list[dict[str, Any]], peaks: dict[str, float], params: int) -> dict[str, Any]:
@@ -234,7 +254,8 @@ def summarize(results: list[dict[str, Any]], peaks: dict[str, float], params: in
             "mfu_vs_fp32_peak": 6 * params * steady / (peaks["float32"] * 1e9),
         }
     for ours, theirs, name in (("align-same", "trl-same", "a_same_settings"),
-                               ("align-defaults", "trl-defaults", "b_defaults")):
+                               ("align-defaults", "trl-defaults", "b_defaults"),
+                               ("align-packed", "align-defaults", "c_packed_vs_unpacked")):
         if ours in out and theirs in out:
             out[name] = {
                 "steady_tok_s_ratio": out[ours]["steady_tok_s"] / out[theirs]["steady_tok_s"],
