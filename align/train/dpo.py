@@ -39,7 +39,7 @@ from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
 from align.core.preferences import PreferenceData, load_preference_data
 from align.train.training import (
-    attach_lora, check_run_inputs, estimated_steps, final_metrics, finish_training, log_series, lora_config,
+    attach_lora, check_run_inputs, finished_run, estimated_steps, final_metrics, finish_training, log_series, lora_config,
     evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer, run_record, train,
     trainer_arguments, training_run,
 )
@@ -463,6 +463,8 @@ def build_trainer(recipe: DPORecipe, policy: ResolvedModel, reference: Reference
 def run_dpo(recipe: DPORecipe, progress: bool = True) -> Path:
     """Train a LoRA adapter on preference pairs as the recipe says; return the finished output dir."""
     out = check_run_inputs(recipe)
+    if finished_run(recipe):
+        return out
     timer = Timer()
     with timer.phase("resolve_model"):
         policy, reference = plan_reference(recipe)

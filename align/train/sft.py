@@ -19,7 +19,7 @@ from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, load_model, load_tokenizer, resolve_model
 from align.core.template import template_contract
 from align.train.training import (
-    attach_lora, check_run_inputs, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
+    attach_lora, check_run_inputs, finished_run, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
     log_series, plan_machine, progress_callback, quiet_trainer, run_record, train, trainer_arguments, training_run,
 )
 
@@ -91,6 +91,8 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
     from trl import SFTTrainer
 
     out = check_run_inputs(recipe)
+    if finished_run(recipe):
+        return out
     timer = Timer()
     with timer.phase("resolve_model"):
         resolved = resolve_model(recipe.model.name)

@@ -476,6 +476,21 @@ def _state_readable(path: Path) -> bool:
         return False
 
 
+def finished_run(recipe: TrainRecipe) -> Path | None:
+    """The output dir when `--resume` names one that already holds a finished run (its run.json is written last), so
+    there is nothing to resume: the caller returns it without training. Without this a scheduler that resubmits a
+    finished job retrained from step 0 and replaced the run. `--overwrite` still means train again."""
+    import logging
+
+    from align.core.artifacts import is_complete
+
+    if not recipe.resume or recipe.overwrite or not recipe.output or not is_complete(Path(recipe.output)):
+        return None
+    logging.getLogger(__name__).warning("%s already holds a finished run (run.json): nothing to resume, not training "
+                                        "(pass --overwrite to train again)", recipe.output)
+    return Path(recipe.output)
+
+
 def resume_checkpoint(workdir: Path, resume: bool, delete_broken: bool = True) -> str | None:
     """The last complete checkpoint to resume from. Half-written ones are removed (by the writing process only),
     so the previous checkpoint wins and the Trainer's rotation does not count them."""
