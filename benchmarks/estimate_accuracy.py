@@ -9,6 +9,14 @@ baseline VmRSS) is compared with the planner's prediction for the same settings.
 
 Uses TRL's trainers directly (align.train.sft does not exist yet): `bf16=True` on CPU is accelerate's bf16 autocast over
 fp32 weights, which is what `--dtype auto` resolves to on this machine.
+
+On a CUDA machine each case trains on the GPU with bf16 weights and the measured figure is the allocator's peak
+(`torch.cuda.max_memory_allocated`, reset after loading), compared with the plan for `--device cuda`. `--model DIR`
+runs every case on another model (e.g. `benchmarks/make_model.py llama-1b`), `--data` fills the rows with any SFT
+data's words instead of the built-in random words (rows stay longer than the case's length, so every row is exactly
+that many tokens):
+
+    .venv/bin/python benchmarks/estimate_accuracy.py --model models/llama-1b --data data/hh.jsonl --out gpu.json
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,23 +137,43 @@ def long_text(words: int, seed: int) -> str:
     return " ".join(rng.choice(vocab) for _ in range(words))
 
 
-def measure(case: Case, model_dir: str) -> dict:
+def data_text(data: str | None, seed: int) -> Callable[[int, int], str]:
+    """`(words, i) -> text`: the built-in random words, or `--data`'s conversations as one stream of words, cut at
+    row i's offset (every row is longer than the case's length, so rows are exactly `length` tokens)."""
+    if data is None:
+        return long_text
+    from align.core.data import load_sft_data
+
+    rows, _, _ = load_sft_data(data)
+    words = " ".join(m["content"] for r in rows for m in r["messages"]).split()
+
+    def cut(count: int, i: int) -> str:
+        start = (i * 997 + seed) % max(len(words), 1)
+        return " ".join((words[start:] + words)[:count])
+
+    return cut
+
+
+def measure(case: Case, model_dir: str, data: str | None = None) -> dict:
     import torch
     import trl  # noqa: F401
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    cuda = torch.cuda.is_available()
     torch.set_num_threads(2)
     baseline = proc_status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    text = data_text(data, 0)
 
-    kwargs: dict = {"dtype": torch.float32, "attn_implementation": case.attn}
+    # on a GPU: bf16 weights (what --dtype auto picks there), and the allocator's peak instead of RSS
+    kwargs: dict = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": case.attn}
     if case.quantize == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": "cpu"}
+        kwargs["device_map"] = {"": "cuda:0" if cuda else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     after_load = proc_status_bytes("VmHWM") - baseline
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -156,27 +185,30 @@ def measure(case: Case, model_dir: str) -> dict:
                              task_type="CAUSAL_LM") if case.lora else None
     common = dict(output_dir=f"/tmp/estimate-bench-{os.getpid()}", per_device_train_batch_size=case.batch,
                   max_steps=case.steps, max_length=case.length, gradient_checkpointing=case.checkpointing,
-                  bf16=True, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                  bf16=True, use_cpu=not cuda, report_to=[], save_strategy="no", logging_steps=1,
                   dataloader_num_workers=0, learning_rate=1e-4, disable_tqdm=True)
     if case.stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        data = Dataset.from_list([{"text": long_text(chars // 5, i)[:chars]} for i in range(rows)])
+        data = Dataset.from_list([{"text": text(chars // 5, i)[:chars]} for i in range(rows)])
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
                              peft_config=peft_config)
     else:
         from trl import DPOConfig, DPOTrainer
 
-        data = Dataset.from_list([{"prompt": long_text(8, i), "chosen": long_text(chars // 5, i + 1000)[:chars],
-                                   "rejected": long_text(chars // 5, i + 2000)[:chars]} for i in range(rows)])
+        data = Dataset.from_list([{"prompt": text(8, i), "chosen": text(chars // 5, i + 1000)[:chars],
+                                   "rejected": text(chars // 5, i + 2000)[:chars]} for i in range(rows)])
         trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=data, processing_class=tokenizer,
                              peft_config=peft_config)
     columns = trainer.train_dataset.column_names
     column = next((c for c in columns if "chosen" in c and "ids" in c), "input_ids")
     lengths = [len(x) for x in trainer.train_dataset[: case.batch][column]] if column in columns else []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the load's transient copies are not the training peak
     start = time.perf_counter()
     trainer.train()
-    return {"baseline_rss": baseline, "peak_above_baseline": proc_status_bytes("VmHWM") - baseline,
+    peak = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM") - baseline
+    return {"baseline_rss": 0 if cuda else baseline, "peak_above_baseline": peak, "device": "cuda" if cuda else "cpu",
             "load_peak_above_baseline": after_load, "seconds": time.perf_counter() - start,
             "first_lengths": lengths}
 
@@ -184,19 +216,21 @@ def measure(case: Case, model_dir: str) -> dict:
 # ---- the prediction ----------------------------------------------------------------------------------------------
 
 
-def predict(case: Case, model_dir: Path):
+def predict(case: Case, model_dir: Path, device: str = "cpu"):
     from align.train.estimate import TrainSetup, load_shape, plan_memory
 
-    setup = TrainSetup(stage=case.stage, device="cpu", weights_dtype="float32", autocast=True,
+    gpu = device == "cuda"  # what measure() runs there: bf16 weights, no autocast casts of them
+    setup = TrainSetup(stage=case.stage, device=device, weights_dtype="bfloat16" if gpu else "float32", autocast=not gpu,
                        quantize=case.quantize, lora_r=16 if case.lora else None, lora_dropout=0.05,
                        batch_size=case.batch, max_length=case.length, gradient_checkpointing=case.checkpointing,
                        attn=case.attn, ref="adapter")
     return plan_memory(load_shape(str(model_dir)), setup, case.model)
 
 
-def run_case(case: Case, model_dir: Path) -> dict:
+def run_case(case: Case, model_dir: Path, data: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(asdict(case)), str(model_dir)],
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(asdict(case)), str(model_dir),
+                           *([data] if data else [])],
                           capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
@@ -313,6 +347,8 @@ def main() -> None:
     parser.add_argument("--repredict", help="recompute the predictions for the measurements in this JSON file")
     parser.add_argument("--compare", action="store_true", help="only the comparison with accelerate and published figures")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "estimate_accuracy.json"))
+    parser.add_argument("--model", help="run every case on this model dir (e.g. benchmarks/make_model.py's output)")
+    parser.add_argument("--data", help="any SFT data: its words fill the rows instead of the built-in random words")
     args = parser.parse_args()
     from align.core.artifacts import machine_info
 
@@ -322,12 +358,17 @@ def main() -> None:
     if args.compare:
         print(json.dumps(compare(), indent=2))
         return
-    dirs = {"smollm2": smollm2_dir(), "tiny": tiny_dir()}
+    import torch
+
+    dirs = ({"smollm2": Path(args.model), "tiny": Path(args.model)} if args.model
+            else {"smollm2": smollm2_dir(), "tiny": tiny_dir()})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     grid = QUICK if args.quick else HELD_OUT if args.held_out else GRID
     if args.only:
         grid = [GRID[i] for i in args.only]
     print(HEADER)
-    results = [report(case, run_case(case, dirs[case.model]), predict(case, dirs[case.model])) for case in grid]
+    results = [report(case, run_case(case, dirs[case.model], args.data), predict(case, dirs[case.model], device))
+               for case in grid]
     summarize(results, Path(args.out), machine_info())
 
 
@@ -336,6 +377,6 @@ if __name__ == "__main__":
         import warnings
 
         warnings.filterwarnings("ignore")
-        print(json.dumps(measure(Case(**json.loads(sys.argv[2])), sys.argv[3])))
+        print(json.dumps(measure(Case(**json.loads(sys.argv[2])), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)))
     else:
         main()
