@@ -8,119 +8,40 @@ from typing import Any
 import click
 
 from align import __version__
-from align.core.clitools import debug_option, handle_errors
+from align.core.clitools import CONTEXT_SETTINGS, debug_option, handle_errors
+from align.core.config import DPORecipe, SFTRecipe, build_recipe
+from align.core.options import ShownDefaultOption, recipe_flags, recipe_options
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-
-
-def _opt(*names: str, default_shown: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """An option whose value is None unless given (so YAML values survive), showing the effective default."""
-    return click.option(*names, default=None, show_default=str(default_shown), **kwargs)
+CONTEXT = CONTEXT_SETTINGS
 
 
-def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def command_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What a training command does besides its recipe: launching, planning, overriding, debugging. The recipe's own
+    flags are generated from its fields (`recipe_options`)."""
     for option in reversed([
-        _opt("--model", "-m", default_shown="smollm2-135m",
-             help="Model dir, hub id, .gguf file, PEFT adapter dir, or the embedded alias smollm2-135m."),
-        _opt("--dtype", default_shown="auto", help="auto (bf16 where fast, else fp32), float32, bfloat16, bf16-autocast, float16."),
-        _opt("--attn", default_shown="sdpa", type=click.Choice(["sdpa", "eager", "flash_attention_2"]),
-             help="Attention implementation."),
-        _opt("--quantize", default_shown="none", type=click.Choice(["4bit", "8bit"]),
-             help="Load the base with bitsandbytes (4bit = QLoRA)."),
-        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
-                     show_default="auto (only when memory needs it)", help="Recompute activations in backward."),
-        click.option("--compile/--no-compile", "compile_", default=None,
-                     show_default="off (batch shapes vary; it recompiles)", help="torch.compile the model."),
-    ]):
-        fn = option(fn)
-    return fn
-
-
-def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Flags spelled the same in every training command."""
-    for option in reversed([
-        _opt("--data", "-d", default_shown="builtin:pig-latin", help="jsonl/json/csv/parquet file, hub dataset, or builtin:NAME."),
-        _opt("--output", "-o", default_shown="(required)", help="Output dir for the adapter and run.json."),
-        _opt("--format", "fmt", default_shown="auto-detect", help="Force the data format."),
-        _opt("--split", default_shown="train", help="Dataset split."),
-        _opt("--limit", type=int, default_shown="all rows", help="Use only the first N rows."),
-        _opt("--eval-data", default_shown="none", help="Separate evaluation data for eval loss."),
-        _opt("--eval-size", type=float, default_shown="0", help="Hold out this share of rows for eval loss."),
-        click.option("--skip-invalid", is_flag=True, default=None, show_default="off", help="Drop invalid rows and report how many."),
-        _opt("--max-steps", type=int, default_shown="-1 (use epochs)", help="Optimizer steps to run."),
-        _opt("--epochs", type=float, default_shown="3", help="Epochs over the data (when --max-steps is not set)."),
-        _opt("--lr", type=float, default_shown="sft 2e-4, dpo 5e-5", help="Peak learning rate."),
-        _opt("--scheduler", default_shown="cosine", help="Learning-rate schedule (any transformers scheduler name)."),
-        _opt("--warmup", type=float, default_shown="0.05", help="Warmup steps (an integer) or share of steps (below 1)."),
-        _opt("--batch-size", type=int, default_shown="8", help="Per-device micro-batch size."),
-        _opt("--grad-accum", type=int, default_shown="1", help="Gradient accumulation steps."),
-        _opt("--max-length", type=int, default_shown="1024", help="Maximum tokens per sequence (or per packed block)."),
-        _opt("--seed", type=int, default_shown="0", help="Random seed (data order and init)."),
-        _opt("--optim", default_shown="adamw_torch", help="Optimizer, e.g. adamw_torch, adamw_8bit, paged_adamw_8bit."),
-        _opt("--lora-r", type=int, default_shown="16", help="LoRA rank."),
-        _opt("--lora-alpha", type=float, default_shown="2*r", help="LoRA alpha (scale alpha/r)."),
-        _opt("--lora-dropout", type=float, default_shown="0.05", help="LoRA dropout."),
-        _opt("--target-modules", default_shown="all-linear", help="Comma-separated module names, or all-linear."),
-        click.option("--rslora", is_flag=True, default=None, show_default="off", help="Scale by alpha/sqrt(r)."),
-        click.option("--dora", is_flag=True, default=None, show_default="off", help="Weight-decomposed LoRA."),
-        _opt("--lora-init", type=click.Choice(["default", "gaussian", "pissa", "loftq"]), default_shown="default",
-             help="LoRA initialization."),
-        click.option("--packing/--no-packing", default=None, show_default="off", help="Pack sequences into blocks."),
-        _opt("--save-steps", type=int, default_shown="100", help="Checkpoint every N steps."),
-        click.option("--resume", is_flag=True, default=False, show_default=True, help="Continue from the last checkpoint."),
-        _opt("--num-processes", type=int, default_shown="1",
-             help="Launch N processes through `accelerate launch` (DDP; gloo on CPU)."),
-        click.option("--overwrite", is_flag=True, default=False, show_default=True, help="Replace a non-empty output dir."),
+        click.option("--num-processes", type=int, cls=ShownDefaultOption, shown="1",
+                     help="Launch N processes through `accelerate launch` (DDP; gloo on CPU)."),
         click.option("--dry-run", is_flag=True, default=False, show_default=True,
                      help="Print the memory plan for this run and exit."),
         click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
                      help="Override any recipe value, e.g. --set train.weight_decay=0.01."),
+        click.option("--config", type=click.Path(dir_okay=False), default=None,
+                     help="The recipe as TRL spells it (`trl sft --config`): a sectioned recipe, or a TRL / "
+                          "alignment-handbook flat config (model_name_or_path, dataset_name, lora_r, ...)."),
         debug_option,
     ]):
         fn = option(fn)
     return fn
 
 
-def training_flags(kw: dict[str, Any]) -> dict[str, Any]:
-    """Map the shared flags to dotted recipe keys (None = not given)."""
-    targets = kw.get("target_modules")
-    return {
-        "model.name": kw.get("model"),
-        "model.dtype": kw.get("dtype"),
-        "model.attn": kw.get("attn"),
-        "model.quantize": kw.get("quantize"),
-        "model.gradient_checkpointing": kw.get("gradient_checkpointing"),
-        "model.compile": kw.get("compile_"),
-        "data.path": kw.get("data"),
-        "data.format": kw.get("fmt"),
-        "data.split": kw.get("split"),
-        "data.limit": kw.get("limit"),
-        "data.eval_path": kw.get("eval_data"),
-        "data.eval_size": kw.get("eval_size"),
-        "data.skip_invalid": kw.get("skip_invalid"),
-        "train.max_steps": kw.get("max_steps"),
-        "train.num_train_epochs": kw.get("epochs"),
-        "train.learning_rate": kw.get("lr"),
-        "train.lr_scheduler_type": kw.get("scheduler"),
-        "train.warmup_steps": kw.get("warmup"),
-        "train.per_device_train_batch_size": kw.get("batch_size"),
-        "train.gradient_accumulation_steps": kw.get("grad_accum"),
-        "train.max_length": kw.get("max_length"),
-        "train.seed": kw.get("seed"),
-        "train.optim": kw.get("optim"),
-        "train.packing": kw.get("packing"),
-        "train.save_steps": kw.get("save_steps"),
-        "lora.r": kw.get("lora_r"),
-        "lora.alpha": kw.get("lora_alpha"),
-        "lora.dropout": kw.get("lora_dropout"),
-        "lora.target_modules": targets if targets in (None, "all-linear") else targets.split(","),
-        "lora.rslora": kw.get("rslora"),
-        "lora.dora": kw.get("dora"),
-        "lora.init": kw.get("lora_init"),
-        "output": kw.get("output"),
-        "resume": kw.get("resume") or None,
-        "overwrite": kw.get("overwrite") or None,
-    }
+def recipe_file(recipe: str | None, ctx: click.Context) -> str | None:
+    """RECIPE or --config FILE: the same file either way (build_recipe tells a flat config from a sectioned one)."""
+    config = ctx.params.get("config")
+    if recipe and config:
+        from align.core.errors import AlignError
+
+        raise AlignError(f"give RECIPE ({recipe}) or --config ({config}), not both")
+    return recipe or config
 
 
 @click.group(context_settings=CONTEXT)
@@ -131,25 +52,18 @@ def main() -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@model_options
-@training_options
-@_opt("--loss-on", type=click.Choice(["assistant", "last", "all"]), default_shown="assistant",
-      help="Tokens that carry loss: assistant turns, the last assistant turn, or all.")
-@_opt("--neftune", type=float, default_shown="off", help="NEFTune noise alpha (e.g. 5).")
-@click.option("--padding-free/--no-padding-free", default=None, show_default="off (on with packing)",
-              help="Flatten batches without padding.")
+@recipe_options(SFTRecipe)
+@command_options
+@click.pass_context
 @handle_errors
-def sft(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, **kw: Any) -> None:
-    """Supervised fine-tuning of a LoRA adapter. RECIPE is an optional YAML with model/data/lora/train sections."""
-    relaunch_if_asked(kw.get("num_processes"))
+def sft(ctx: click.Context, recipe: str | None, num_processes: int | None, dry_run: bool, sets: tuple[str, ...],
+        debug: bool, **_: Any) -> None:
+    """Supervised fine-tuning of a LoRA adapter. RECIPE is an optional YAML with model/data/lora/train sections;
+    `train` takes any SFTConfig field."""
+    relaunch_if_asked(num_processes)
     from trl import SFTConfig
 
-    from align.core.config import SFTRecipe, build_recipe
-
-    flags = training_flags(kw)
-    flags.update({"data.loss_on": kw.get("loss_on"), "train.neftune_noise_alpha": kw.get("neftune"),
-                  "train.padding_free": kw.get("padding_free")})
-    built = build_recipe(SFTRecipe, recipe, flags, sets, trl_config=SFTConfig)
+    built = build_recipe(SFTRecipe, recipe_file(recipe, ctx), recipe_flags(ctx), sets, trl_config=SFTConfig)
     if dry_run:
         click.echo(dry_run_plan(built, "sft"))
         return
@@ -161,45 +75,21 @@ def sft(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, *
 
 @main.command(context_settings=CONTEXT)
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@model_options
-@training_options
-@_opt("--adapter", "-a", default_shown="none (fresh LoRA)", help="SFT adapter dir: the policy starts as a copy of it.")
-@_opt("--ref", default_shown="adapter with --adapter, else base", metavar="adapter|base|precompute|model:PATH",
-      help="Reference: the frozen SFT adapter, the base (adapters off), log-probs precomputed once, or a separate model.")
-@_opt("--beta", type=float, default_shown="0.1", help="DPO beta: lower lets the policy drift further from the reference.")
-@_opt("--loss-type", default_shown="sigmoid", help="TRL loss type(s), comma-separated: sigmoid, ipo, hinge, robust, ...")
-@_opt("--label-smoothing", type=float, default_shown="0", help="Label smoothing (robust DPO: flip probability).")
-@_opt("--max-prompt-length", type=int, default_shown="none", help="Keep the last N prompt tokens.")
-@_opt("--max-completion-length", type=int, default_shown="none", help="Keep the first N tokens of each completion.")
-@_opt("--pairs", type=click.Choice(["best_worst", "all"]), default_shown="best_worst",
-      help="Scored completions: best vs worst, or every pair above --score-margin.")
-@_opt("--score-margin", type=float, default_shown="0", help="Scored completions: least score difference for a pair.")
+@recipe_options(DPORecipe)
+@command_options
+@click.pass_context
 @handle_errors
-def dpo(recipe: str | None, dry_run: bool, sets: tuple[str, ...], debug: bool, **kw: Any) -> None:
+def dpo(ctx: click.Context, recipe: str | None, num_processes: int | None, dry_run: bool, sets: tuple[str, ...],
+        debug: bool, **_: Any) -> None:
     """Preference alignment (DPO) of a LoRA adapter, with the SFT adapter as its own reference.
 
     RECIPE is an optional YAML with model/data/lora/train sections plus adapter, ref, max_prompt_length and
     max_completion_length; `train` takes any DPOConfig field.
     """
-    relaunch_if_asked(kw.get("num_processes"))
+    relaunch_if_asked(num_processes)
     from trl import DPOConfig
 
-    from align.core.config import DPORecipe, build_recipe
-
-    flags = training_flags(kw)
-    loss_type = kw.get("loss_type")
-    flags.update({
-        "adapter": kw.get("adapter"),
-        "ref": kw.get("ref"),
-        "max_prompt_length": kw.get("max_prompt_length"),
-        "max_completion_length": kw.get("max_completion_length"),
-        "data.pairs": kw.get("pairs"),
-        "data.score_margin": kw.get("score_margin"),
-        "train.beta": kw.get("beta"),
-        "train.loss_type": loss_type.split(",") if loss_type else None,
-        "train.label_smoothing": kw.get("label_smoothing"),
-    })
-    built = build_recipe(DPORecipe, recipe, flags, sets, trl_config=DPOConfig)
+    built = build_recipe(DPORecipe, recipe_file(recipe, ctx), recipe_flags(ctx), sets, trl_config=DPOConfig)
     if dry_run:
         click.echo(dry_run_plan(built, "dpo", built.ref))
         return

@@ -7,7 +7,10 @@ from typing import Any
 import click
 
 from align.core.clitools import debug_option, handle_errors
+from align.core.config import SFTRecipe
 from align.core.errors import AlignError
+from align.core.options import find_field
+from align.core.reference import REFERENCE_MODES
 from align.train.estimate import Plan, TrainSetup, format_plan, load_shape, parse_size, plan_json, plan_with_budget
 
 
@@ -27,31 +30,40 @@ def estimate(model: str, budget: str | None = None, dtype: str = "auto", device:
     return plan_with_budget(load_shape(model), setup, model, parse_size(budget) if budget else None)
 
 
+def recipe_option(key: str, *names: str, **kwargs: Any) -> Any:
+    """An option planned with the default and help of the `align sft` recipe field `key`, so the planner plans the
+    run the training command would do when neither is given a flag."""
+    field = find_field(SFTRecipe, key)
+    kwargs.setdefault("help", field.help)
+    return click.option(*names, default=field.field.get_default(call_default_factory=True), show_default=True,
+                        **kwargs)
+
+
 @click.command("estimate")
-@click.option("--model", "model", default="smollm2-135m", show_default=True,
-              help="Model dir, hub id (cached config), .gguf file, adapter dir or alias. Only the config is read.")
+@recipe_option("model.name", "--model", "model",
+               help="Model dir, hub id (cached config), .gguf file, adapter dir or alias. Only the config is read.")
 @click.option("--quantize", type=click.Choice(["none", "8bit", "4bit"]), default="none", show_default=True)
-@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
-@click.option("--lora-targets", default="all-linear", show_default=True,
-              help="all-linear, or comma-separated module names (q_proj,v_proj).")
-@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
+@recipe_option("lora.r", "--lora-r", type=int)
+@recipe_option("lora.target_modules", "--lora-targets", help="all-linear, or comma-separated module names (q_proj,v_proj).")
+@recipe_option("lora.dropout", "--lora-dropout", type=float,
+               help="LoRA dropout (planned as 0 for --stage dpo, whose DPOConfig.disable_dropout zeroes it).")
 @click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA.")
-@click.option("--optim", default="adamw_torch", show_default=True,
-              help="adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, adafactor, sgd.")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Per-device micro-batch.")
-@click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens per sequence.")
-@click.option("--grad-accum", type=int, default=1, show_default=True)
+@recipe_option("train.optim", "--optim",
+               help="adamw_torch_fused, adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, adafactor, sgd.")
+@recipe_option("train.per_device_train_batch_size", "--batch-size", type=int)
+@recipe_option("train.max_length", "--max-length", type=int)
+@recipe_option("train.gradient_accumulation_steps", "--grad-accum", type=int)
 @click.option("--gradient-checkpointing", is_flag=True)
-@click.option("--attn", type=click.Choice(["sdpa", "eager", "flash"]), default="sdpa", show_default=True)
+@recipe_option("model.attn", "--attn", type=click.Choice(["sdpa", "eager", "flash"]))
 @click.option("--loss-head", type=click.Choice(["chunked", "full"]), default="chunked", show_default=True,
               help="chunked: TRL's fused LM head; full: materialized logits.")
 @click.option("--stage", type=click.Choice(["sft", "dpo"]), default="sft", show_default=True)
-@click.option("--ref", type=click.Choice(["adapter", "precompute", "model"]), default="adapter", show_default=True,
-              help="DPO reference: the adapter switched off, log-probs precomputed, or a second model copy.")
+@click.option("--ref", type=click.Choice(REFERENCE_MODES), default="adapter", show_default=True,
+              help="DPO reference: the frozen SFT adapter, the base (planned as adapter), log-probs precomputed, or "
+                   "a second model copy.")
 @click.option("--num-processes", type=int, default=1, show_default=True)
 @click.option("--zero", type=click.Choice(["0", "2", "3"]), default="0", show_default=True)
-@click.option("--dtype", default="auto", show_default=True,
-              help="auto, float32, bfloat16, bf16-autocast, float16 (as `align sft --dtype`).")
+@recipe_option("model.dtype", "--dtype")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--budget", default=None, help="Memory available, e.g. 24GiB; proposes changes when it does not fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from align.core.errors import AlignError
 from align.core.models import ResolvedModel, resolve_model
+from align.core.reference import REFERENCE_MODES, ReferenceMode
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,10 @@ REFERENCE_ADAPTER = "reference"
 
 
 @dataclass(frozen=True)
-class ReferencePlan:
-    """How to get reference log-probs for one policy.
+class RewardReference:
+    """Where `align eval` gets the reference log-probs of one policy's implicit DPO rewards. Not DPO's reference
+    plan (align.train.dpo.ReferencePlan): that one says what a DPO run trains against; this one how eval recomputes
+    it with the least memory.
 
     mode `base`: the policy's adapter disabled; `adapter`: another adapter on the policy's base, switched in;
     `model`: a separately loaded model (computed before the policy loads, then freed).
@@ -49,8 +52,9 @@ class ReferencePlan:
         return f"{self.mode}:{target}"
 
 
-def plan_reference(policy: ResolvedModel, reference: str | None, beta: float | None) -> ReferencePlan | None:
-    """`--reference` wins over run.json; `--beta` wins over run.json's beta; None when there is no reference."""
+def find_reward_reference(policy: ResolvedModel, reference: str | None, beta: float | None) -> RewardReference | None:
+    """The reference for `policy`'s implicit rewards: `--reference` wins over the DPO run.json's "reference" (whose
+    mode is a `ReferenceMode`); `--beta` wins over run.json's beta; None when there is no reference."""
     if reference is not None:
         return _plan_from_spec(policy, resolve_model(reference), "argument", beta if beta is not None else DEFAULT_BETA)
     if policy.adapter is None:
@@ -62,20 +66,22 @@ def plan_reference(policy: ResolvedModel, reference: str | None, beta: float | N
     run_beta = record.get("beta", DEFAULT_BETA)
     chosen_beta = beta if beta is not None else float(run_beta)
     where = policy.adapter / "run.json"
-    mode = entry.get("mode")
+    mode: ReferenceMode | None = entry.get("mode")
+    if mode not in REFERENCE_MODES:
+        raise AlignError(f"{where}: unknown reference.mode {mode!r} (expected adapter, base, precompute or model)")
     if mode in ("adapter", "precompute"):
         # `precompute` only says when TRL computed the reference; the reference itself is the SFT adapter or base
         if entry.get("adapter"):
             resolved = resolve_model(_relative_to(entry["adapter"], policy.adapter))
             return _plan_from_spec(policy, resolved, "run.json", chosen_beta)
-        return ReferencePlan("base", "run.json", chosen_beta)
+        return RewardReference("base", "run.json", chosen_beta)
     if mode == "base":
-        return ReferencePlan("base", "run.json", chosen_beta)
+        return RewardReference("base", "run.json", chosen_beta)
     if mode == "model":
         if not entry.get("model"):
             raise AlignError(f"{where}: reference.mode is 'model' but reference.model is empty")
         return _plan_from_spec(policy, resolve_model(entry["model"]), "run.json", chosen_beta)
-    raise AlignError(f"{where}: unknown reference.mode {mode!r} (expected adapter, base, precompute or model)")
+    raise AlignError(f"{where}: reference.mode {mode!r} is chosen by the DPO run, never recorded")
 
 
 def _read_run_json(adapter: Path) -> dict[str, Any]:
@@ -98,16 +104,16 @@ def _relative_to(spec: str, adapter: Path) -> str:
 
 
 def _plan_from_spec(policy: ResolvedModel, reference: ResolvedModel, source: Literal["argument", "run.json"],
-                    beta: float) -> ReferencePlan:
+                    beta: float) -> RewardReference:
     same_base = policy.adapter is not None and Path(reference.base).resolve() == Path(policy.base).resolve()
     if same_base and reference.adapter is None:
-        return ReferencePlan("base", source, beta)
+        return RewardReference("base", source, beta)
     if same_base:
-        return ReferencePlan("adapter", source, beta, adapter=reference.adapter)
-    return ReferencePlan("model", source, beta, model=reference)
+        return RewardReference("adapter", source, beta, adapter=reference.adapter)
+    return RewardReference("model", source, beta, model=reference)
 
 
-def activate_reference(model: Any, plan: ReferencePlan) -> Any:
+def activate_reference(model: Any, plan: RewardReference) -> Any:
     """A context manager under which `model` computes as the reference (modes `base` and `adapter`)."""
     import contextlib
 

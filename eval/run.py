@@ -18,7 +18,7 @@ from align.core.artifacts import Timer, check_output_dir, output_dir, provenance
 from align.core.errors import AlignError
 from align.core.models import EMBEDDED_ALIAS, ResolvedModel, resolve_model
 from eval.generate import LoadedModel, free, load_for_eval, progress_bar
-from eval.reference import ReferencePlan, activate_reference, plan_reference
+from eval.reference import RewardReference, activate_reference, find_reward_reference
 from eval.report import compute_deltas, plot_report, render_markdown, write_samples
 from eval.scoring import MetricLoader
 from eval.suites import SuiteSpec, TaskSpec, load_suite
@@ -132,9 +132,9 @@ def _load_all_examples(suite: SuiteSpec, limit: int | None) -> tuple[dict[str, l
     return examples, errors
 
 
-def _plan_or_error(resolved: ResolvedModel, request: EvalRequest) -> ReferencePlan | str | None:
+def _plan_or_error(resolved: ResolvedModel, request: EvalRequest) -> RewardReference | str | None:
     try:
-        return plan_reference(resolved, request.reference, request.beta)
+        return find_reward_reference(resolved, request.reference, request.beta)
     except AlignError as exc:
         return f"reference: {exc}"
 
@@ -151,11 +151,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def _evaluate_model(name: str, resolved: ResolvedModel, suite: SuiteSpec, examples: dict[str, list[Example]],
-                    data_errors: dict[str, str], plan: ReferencePlan | str | None, request: EvalRequest,
+                    data_errors: dict[str, str], plan: RewardReference | str | None, request: EvalRequest,
                     settings: EvalSettings, metrics: MetricLoader,
                     reference_cache: dict[tuple[str, str], PreferenceSpans], root: Path) -> dict[str, dict[str, Any]]:
     preference_tasks = [t for t in suite.tasks if t.kind == "preference" and t.name in examples]
-    if isinstance(plan, ReferencePlan) and plan.mode == "model" and preference_tasks:
+    if isinstance(plan, RewardReference) and plan.mode == "model" and preference_tasks:
         _score_reference_model(plan, preference_tasks, examples, settings, reference_cache, request.dtype)
     try:
         lm = load_for_eval(name, resolved, request.dtype)
@@ -177,7 +177,7 @@ def _evaluate_model(name: str, resolved: ResolvedModel, suite: SuiteSpec, exampl
     return outcomes
 
 
-def _run_task(lm: LoadedModel, task: TaskSpec, task_examples: list[Example], plan: ReferencePlan | str | None,
+def _run_task(lm: LoadedModel, task: TaskSpec, task_examples: list[Example], plan: RewardReference | str | None,
               settings: EvalSettings, metrics: MetricLoader,
               reference_cache: dict[tuple[str, str], PreferenceSpans], root: Path) -> dict[str, Any]:
     started = time.perf_counter()
@@ -197,14 +197,14 @@ def _run_task(lm: LoadedModel, task: TaskSpec, task_examples: list[Example], pla
         "metrics": {k: v.to_json() for k, v in outcome.metrics.items()},
         "samples": str(samples.relative_to(root)),
     }
-    if task.kind == "preference" and isinstance(plan, ReferencePlan):
+    if task.kind == "preference" and isinstance(plan, RewardReference):
         result["reference"] = plan.describe()
     elif task.kind == "preference" and isinstance(plan, str):
         result["reference_error"] = plan
     return result
 
 
-def _run_kind(lm: LoadedModel, task: TaskSpec, task_examples: list[Example], plan: ReferencePlan | str | None,
+def _run_kind(lm: LoadedModel, task: TaskSpec, task_examples: list[Example], plan: RewardReference | str | None,
               settings: EvalSettings, metrics: MetricLoader,
               reference_cache: dict[tuple[str, str], PreferenceSpans], progress: Any) -> TaskOutcome:
     if task.kind == "generate":
@@ -215,17 +215,17 @@ def _run_kind(lm: LoadedModel, task: TaskSpec, task_examples: list[Example], pla
         return run_perplexity(lm, task, task_examples, settings, metrics, progress)  # type: ignore[arg-type]
     policy = score_preferences(lm, task_examples, settings.batch_size, progress)  # type: ignore[arg-type]
     reference = None
-    if isinstance(plan, ReferencePlan):
+    if isinstance(plan, RewardReference):
         if plan.mode == "model":
             reference = reference_cache[(plan.key, task.name)]
         else:
             with activate_reference(lm.model, plan):
                 reference = score_preferences(lm, task_examples, settings.batch_size)  # type: ignore[arg-type]
-    return preference_outcome(task_examples, policy, reference, plan.beta if isinstance(plan, ReferencePlan) else 0.0,
+    return preference_outcome(task_examples, policy, reference, plan.beta if isinstance(plan, RewardReference) else 0.0,
                               settings.seed)  # type: ignore[arg-type]
 
 
-def _score_reference_model(plan: ReferencePlan, tasks: list[TaskSpec], examples: dict[str, list[Example]],
+def _score_reference_model(plan: RewardReference, tasks: list[TaskSpec], examples: dict[str, list[Example]],
                            settings: EvalSettings, cache: dict[tuple[str, str], PreferenceSpans], dtype: str) -> None:
     """A reference that is a model of its own is loaded, scored on every preference task and freed before the
     policy loads, so at most one model is in memory. Shared references are scored once."""
@@ -258,14 +258,14 @@ def _lm_eval(lm: LoadedModel, request: EvalRequest) -> dict[str, dict[str, Any]]
 
 
 def _report(request: EvalRequest, suite: SuiteSpec, models: list[tuple[str, ResolvedModel]],
-            plans: dict[str, ReferencePlan | str | None], results: dict[str, dict[str, dict[str, Any]]],
+            plans: dict[str, RewardReference | str | None], results: dict[str, dict[str, dict[str, Any]]],
             timer: Timer) -> dict[str, Any]:
     names = [n for n, _ in models]
     report: dict[str, Any] = {
         "suite": {"name": suite.name, "description": suite.description,
                   "source": suite.name if isinstance(request.suite, SuiteSpec) else str(request.suite)},
         "models": [{"name": n, **r.describe(),
-                    "reference": p.describe() if isinstance(p, ReferencePlan) else None}
+                    "reference": p.describe() if isinstance(p, RewardReference) else None}
                    for (n, r), p in zip(models, plans.values())],
         "tasks": [task.model_dump() for task in suite.tasks],
         "settings": {"limit": request.limit, "batch_size": request.batch_size, "seed": request.seed,

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from align.core.clitools import comma_floats, debug_option, handle_errors
+from align.core.clitools import CONTEXT_SETTINGS, comma_floats, debug_option, handle_errors
 from merge.methods import MergeParams
 from merge.run import MergeRequest, run_config_file, run_merge_request
 
@@ -55,7 +55,7 @@ def _done(path: Path) -> None:
     click.echo(f"merged into {path}")
 
 
-@click.group()
+@click.group(context_settings=CONTEXT_SETTINGS)
 def main() -> None:
     """Merge models or LoRA adapters: linear, SLERP, layer stacking, task arithmetic, TIES, DARE (via mergekit)."""
 

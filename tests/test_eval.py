@@ -16,7 +16,7 @@ from align.core.models import resolve_model
 from conftest import write_jsonl
 from eval.cli import eval_command
 from eval.generate import context_continuation_ids, generate_texts, load_for_eval
-from eval.reference import plan_reference
+from eval.reference import find_reward_reference
 from eval.run import EvalRequest, parse_model_args, run_eval
 from eval.scoring import MetricLoader
 from eval.suites import GenerationSpec, SuiteSpec, TaskSpec, load_suite
@@ -252,7 +252,7 @@ def test_reference_adapter_is_switched_in_on_the_same_weights(tiny_model_dir, ad
     other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                            LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
     other.save_pretrained(tmp_path / "other")
-    plan = plan_reference(resolve_model(str(tmp_path / "other")), str(adapter_dir), None)
+    plan = find_reward_reference(resolve_model(str(tmp_path / "other")), str(adapter_dir), None)
     assert plan.mode == "adapter" and plan.beta == 0.1
     data = write_jsonl(tmp_path / "p.jsonl", prefs_rows())
     suite = suite_of(TaskSpec(name="prefs", kind="preference", data=str(data)))

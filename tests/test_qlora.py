@@ -25,8 +25,8 @@ def load_4bit(model_dir, dtype: str = "bfloat16"):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_prepared_4bit_model_holds_nothing_in_fp32_beyond_the_named_exceptions(tiny_model_dir, checkpointing):
-    model = attach_lora(load_4bit(tiny_model_dir), resolve_model(str(tiny_model_dir)),
-                        LoraSpec(r=8, target_modules="all-linear"), gradient_checkpointing=checkpointing)
+    model = attach_lora(load_4bit(tiny_model_dir), LoraSpec(r=8, target_modules="all-linear"),
+                        gradient_checkpointing=checkpointing, seed=0)
     assert getattr(model, "is_loaded_in_4bit", False)
     assert fp32_tensors(model) == []
     # the exceptions are really there (the check is not vacuous) and they are the only trainable tensors
@@ -61,8 +61,8 @@ def test_checkpointing_enables_input_grads_so_lora_gets_gradients(tiny_model_dir
 
 def test_a_prepared_4bit_model_trains_its_adapter(tiny_model_dir):
     """One backward through the checkpointed 4-bit model reaches every LoRA weight."""
-    model = attach_lora(load_4bit(tiny_model_dir), resolve_model(str(tiny_model_dir)),
-                        LoraSpec(r=8, target_modules="all-linear"), gradient_checkpointing=True)
+    model = attach_lora(load_4bit(tiny_model_dir), LoraSpec(r=8, target_modules="all-linear"),
+                        gradient_checkpointing=True, seed=0)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = torch.randint(4, 60, (2, 16))

@@ -17,6 +17,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 debug_option = click.option("--debug", is_flag=True, default=False, help="Show full tracebacks on errors.")
 
+# Every command group (`align`, `merge`) takes -h as --help; subcommands inherit it from their group's context.
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
 
 def quiet_libraries() -> None:
     """Keep library chatter (weight-loading bars, advisory warnings) off the user's terminal; our bars stay."""

@@ -9,33 +9,62 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from align.core.errors import AlignError, did_you_mean
-from align.core.trl_fields import check_trl_values
 from align.core.flat_config import flat_to_recipe, is_flat_config
+from align.core.reference import parse_reference
+from align.core.trl_fields import check_trl_values
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How a recipe field appears on `align sft` / `align dpo` (align/core/options.py builds the click option).
+    The field's docstring is the option's help and its default is the shown default, so each is written once."""
+
+    names: tuple[str, ...]
+    unset: str | None = None
+    """What a None default means, shown as the default (`all rows`, `auto-detect`)."""
+    note: str | None = None
+    """Said after the shown default, in parentheses."""
+    choices: tuple[str, ...] | None = None
+    """For a str field that accepts other values in YAML but only these on the command line."""
+    negatable: bool = False
+    """A bool flag with a --no- form (for fields whose default is not off)."""
+    comma_list: bool = False
+    """The value is comma-separated into a list, except the values in `keep`."""
+    keep: tuple[str, ...] = ()
+    metavar: str | None = None
+
+    def __init__(self, *names: str, **options: Any) -> None:
+        object.__setattr__(self, "names", names)
+        for key, value in {**{f.name: f.default for f in dataclasses.fields(Flag)[1:]}, **options}.items():
+            object.__setattr__(self, key, value)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelSpec(Section):
-    name: str = "smollm2-135m"
-    """What `--model` names: a model dir, hub id, .gguf file, adapter dir, or the alias `smollm2-135m`."""
-    dtype: str = "auto"
+    name: Annotated[str, Flag("--model", "-m")] = "smollm2-135m"
+    """Model dir, hub id, .gguf file, PEFT adapter dir, or the embedded alias smollm2-135m."""
+    dtype: Annotated[str, Flag("--dtype")] = "auto"
     """auto (bf16 where the hardware runs it fast, else fp32), float32, bfloat16, bf16-autocast, float16."""
-    attn: str = "sdpa"
-    """Attention implementation: sdpa, eager, flash_attention_2."""
-    quantize: Literal["4bit", "8bit"] | None = None
-    """Load the base through bitsandbytes (QLoRA with 4bit)."""
-    gradient_checkpointing: bool | Literal["auto"] = "auto"
-    """auto: only when the planned peak does not fit the device's memory."""
-    compile: bool | Literal["auto"] = "auto"
-    """torch.compile the model; auto means off (chat batches vary in shape and it recompiles every step)."""
+    attn: Annotated[str, Flag("--attn", choices=("sdpa", "eager", "flash_attention_2"))] = "sdpa"
+    """Attention implementation."""
+    quantize: Annotated[Literal["4bit", "8bit"] | None, Flag("--quantize", unset="none")] = None
+    """Load the base with bitsandbytes (4bit = QLoRA)."""
+    gradient_checkpointing: Annotated[bool | Literal["auto"],
+                                      Flag("--gradient-checkpointing", negatable=True,
+                                           note="only when the planned peak does not fit the device")] = "auto"
+    """Recompute activations in backward."""
+    compile: Annotated[bool | Literal["auto"],
+                       Flag("--compile", negatable=True, note="off: batch shapes vary, so it recompiles")] = "auto"
+    """torch.compile the model."""
 
 
 class MixtureSource(Section):
@@ -60,24 +89,27 @@ class MixtureSource(Section):
 
 
 class DataSpec(Section):
-    path: str = "builtin:pig-latin"
-    """A local jsonl/json/csv/parquet file, a hub dataset id, or `builtin:NAME`."""
+    path: Annotated[str, Flag("--data", "-d")] = "builtin:pig-latin"
+    """jsonl/json/csv/parquet file, hub dataset, or builtin:NAME."""
     mixture: list[MixtureSource] | None = None
     """Several sources instead of `path`, e.g. [{path: a.jsonl, rows: 100}, {path: b.jsonl, weight: 0.5}]; sampled
     with train.seed, recorded per source in run.json's data record."""
-    format: str | None = None
-    """Force a format instead of detecting it."""
-    split: str | None = None
-    limit: int | None = Field(default=None, gt=0)
-    eval_path: str | None = None
-    """A separate evaluation file or dataset."""
+    format: Annotated[str | None, Flag("--format", unset="auto-detect")] = None
+    """Force the data format instead of detecting it."""
+    split: Annotated[str | None, Flag("--split", unset="train")] = None
+    """Dataset split."""
+    limit: Annotated[int | None, Field(gt=0), Flag("--limit", unset="all rows")] = None
+    """Use only the first N rows."""
+    eval_path: Annotated[str | None, Flag("--eval-data", unset="none")] = None
+    """Separate evaluation data for eval loss."""
     eval_split: str | None = None
-    eval_size: float = Field(default=0.0, ge=0.0, lt=1.0)
-    """Hold out this share of the training rows for eval loss when no eval_path is given."""
-    skip_invalid: bool = False
-    """Drop invalid rows (and report how many) instead of stopping at the first."""
-    loss_on: Literal["assistant", "last", "all"] = "assistant"
-    """Which tokens carry loss: every assistant turn, the last assistant turn, or everything."""
+    """The split of eval_path."""
+    eval_size: Annotated[float, Field(ge=0.0, lt=1.0), Flag("--eval-size")] = 0.0
+    """Hold out this share of the training rows for eval loss (when no eval data is given)."""
+    skip_invalid: Annotated[bool, Flag("--skip-invalid")] = False
+    """Drop invalid rows and report how many, instead of stopping at the first."""
+    loss_on: Annotated[Literal["assistant", "last", "all"], Flag("--loss-on")] = "assistant"
+    """Tokens that carry loss: assistant turns, the last assistant turn, or all."""
 
     @model_validator(mode="after")
     def _path_or_mixture(self) -> "DataSpec":
@@ -89,76 +121,197 @@ class DataSpec(Section):
         return self
 
 
+Dropout = Annotated[float, Field(ge=0.0, lt=1.0), Flag("--lora-dropout")]
+
+
 class LoraSpec(Section):
-    r: int = Field(default=16, gt=0)
-    alpha: float | None = None
-    """Defaults to 2*r."""
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"
-    rslora: bool = False
-    dora: bool = False
-    init: Literal["default", "gaussian", "pissa", "loftq"] = "default"
+    r: Annotated[int, Field(gt=0), Flag("--lora-r")] = 16
+    """LoRA rank."""
+    alpha: Annotated[float | None, Field(gt=0), Flag("--lora-alpha", unset="2*r")] = None
+    """LoRA alpha (scale alpha/r)."""
+    dropout: Dropout = 0.05
+    """LoRA dropout."""
+    target_modules: Annotated[str | list[str],
+                              Flag("--target-modules", comma_list=True, keep=("all-linear",))] = "all-linear"
+    """Comma-separated module names, or all-linear."""
+    rslora: Annotated[bool, Flag("--rslora")] = False
+    """Scale by alpha/sqrt(r)."""
+    dora: Annotated[bool, Flag("--dora")] = False
+    """Weight-decomposed LoRA."""
+    init: Annotated[Literal["default", "gaussian", "pissa", "loftq"], Flag("--lora-init")] = "default"
+    """LoRA initialization."""
 
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.r
 
 
+class DPOLoraSpec(LoraSpec):
+    dropout: Dropout = 0.0
+    """LoRA dropout. Off: DPOConfig.disable_dropout (TRL's default) zeroes every dropout module, LoRA's included,
+    so a policy equal to its reference scores the same in both forwards; set train.disable_dropout=false to use it."""
+
+
+# ---- the `train` section: TRL's field names, our defaults --------------------------------------------------------
+
+LearningRate = Annotated[float, Field(gt=0), Flag("--lr")]
+
+
+class TrainSettings(BaseModel):
+    """The SFTConfig / DPOConfig fields we set or offer as flags, with our defaults and their ranges. Any other field
+    of those passes through `train:` by name (extra keys are checked against the TRL dataclass by `check_trl_keys`)."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+
+    max_steps: Annotated[int, Flag("--max-steps", note="use epochs")] = -1
+    """Optimizer steps to run."""
+    num_train_epochs: Annotated[float, Field(gt=0), Flag("--epochs")] = 3.0
+    """Epochs over the data (when --max-steps is not set)."""
+    learning_rate: LearningRate = 2e-4
+    """Peak learning rate."""
+    lr_scheduler_type: Annotated[str, Flag("--scheduler")] = "cosine"
+    """Learning-rate schedule (any transformers scheduler name)."""
+    warmup_steps: Annotated[int | float, Field(ge=0), Flag("--warmup")] = 0.05
+    """Warmup steps (an integer) or share of steps (below 1)."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    per_device_train_batch_size: Annotated[int, Field(gt=0), Flag("--batch-size")] = 8
+    """Per-device micro-batch size."""
+    gradient_accumulation_steps: Annotated[int, Field(gt=0), Flag("--grad-accum")] = 1
+    """Gradient accumulation steps."""
+    max_length: Annotated[int | None, Field(gt=0), Flag("--max-length")] = 1024
+    """Maximum tokens per sequence (or per packed block)."""
+    seed: Annotated[int, Field(ge=0), Flag("--seed")] = 0
+    """Random seed (data order and init)."""
+    data_seed: Annotated[int | None, Field(ge=0)] = 0
+    optim: Annotated[str, Flag("--optim")] = "adamw_torch_fused"
+    """Optimizer, e.g. adamw_torch_fused, adamw_torch, adamw_8bit, paged_adamw_8bit."""
+    save_steps: Annotated[int | float, Field(gt=0), Flag("--save-steps")] = 100
+    """Checkpoint every N steps."""
+    save_strategy: str = "steps"
+    save_total_limit: Annotated[int | None, Field(ge=0)] = 2
+    """The last checkpoint and the one before it: enough to resume after a kill during a save."""
+    logging_steps: Annotated[int | float, Field(gt=0)] = 1
+    """Every step, for the progress bar and run.json's loss curve."""
+    disable_tqdm: bool = True
+    """Our own progress bar shows loss and tokens/s."""
+    dataloader_num_workers: Annotated[int, Field(ge=0)] = 0
+    """Rows are tokenized before training; workers would only add start-up time."""
+    ddp_find_unused_parameters: bool | None = False
+    """LoRA leaves no parameter unused; True costs an extra graph walk."""
+    include_num_input_tokens_seen: str | bool = "non_padding"
+    """Counts the tokens the progress bar's tokens/s divides by."""
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == -1 or value > 0:
+            return value
+        raise ValueError("expected a positive number of steps, or -1 to train for num_train_epochs")
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_share_or_steps(cls, value: int | float) -> int | float:
+        if value < 1 or float(value).is_integer():
+            return value
+        raise ValueError("expected a share of the steps below 1, or a whole number of steps")
+
+
+class SFTTrainSettings(TrainSettings):
+    packing: Annotated[bool, Flag("--packing", negatable=True)] = False
+    """Pack sequences into blocks."""
+    neftune_noise_alpha: Annotated[float | None, Field(gt=0), Flag("--neftune", unset="off")] = None
+    """NEFTune noise alpha (e.g. 5)."""
+    padding_free: Annotated[bool, Flag("--padding-free", negatable=True, note="on with packing")] = False
+    """Flatten batches without padding."""
+
+
+class DPOTrainSettings(TrainSettings):
+    learning_rate: LearningRate = 5e-5
+    """Peak learning rate. LoRA DPO learns at ~5e-6 to 5e-5 (full fine-tuning at 5e-7 to 5e-6); SFT's 2e-4 would
+    overshoot."""
+    beta: Annotated[float, Field(gt=0), Flag("--beta")] = 0.1
+    """DPO beta: lower lets the policy drift further from the reference."""
+    loss_type: Annotated[str | list[str], Flag("--loss-type", comma_list=True)] = ["sigmoid"]
+    """TRL loss type(s), comma-separated: sigmoid, ipo, hinge, robust, ..."""
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5), Flag("--label-smoothing")] = 0.0
+    """Label smoothing (robust DPO: flip probability); at 0.5 chosen and rejected carry no signal."""
+
+
+# ---- recipes -----------------------------------------------------------------------------------------------------
+
+
 class TrainRecipe(Section):
     """What `align sft` and `align dpo` share."""
+
+    train_settings: ClassVar[type[TrainSettings]] = TrainSettings
+    """The typed fields of this command's `train` section."""
 
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     lora: LoraSpec = LoraSpec()
     train: dict[str, Any] = {}
-    """Passed to TRL's SFTConfig / DPOConfig (field names as TRL spells them)."""
-    report_to: Literal["auto", "none", "tensorboard", "trackio", "wandb"] = "auto"
+    """Passed to TRL's SFTConfig / DPOConfig (field names as TRL spells them): only the keys given, checked against
+    `train_settings`; `train_arguments()` adds the defaults."""
+    report_to: Annotated[Literal["auto", "none", "tensorboard", "trackio", "wandb"], Flag("--report-to")] = "auto"
     """Experiment tracker. auto: TensorBoard event files under the output dir if tensorboard is installed, else
     trackio's local store if trackio is, else none. wandb is the only remote choice (the only one that makes network
     calls). Name the experiment with train.project and the run with train.run_name (`align run` sets both)."""
-    output: str | None = None
-    resume: bool = False
-    overwrite: bool = False
+    output: Annotated[str | None, Flag("--output", "-o", unset="required")] = None
+    """Output dir for the adapter and run.json."""
+    resume: Annotated[bool, Flag("--resume")] = False
+    """Continue from the last checkpoint."""
+    overwrite: Annotated[bool, Flag("--overwrite")] = False
+    """Replace a non-empty output dir."""
 
     @field_validator("train")
     @classmethod
-    def _train_is_mapping(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return dict(value)
+    def _train_values_in_range(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return cls.train_settings.model_validate(value).model_dump(exclude_unset=True)
+
+    def train_arguments(self) -> dict[str, Any]:
+        """The `train` section with every default filled in: what TRL gets before the machine's choices."""
+        return self.train_settings.model_validate(self.train).model_dump()
 
 
 class SFTRecipe(TrainRecipe):
-    pass
+    train_settings: ClassVar[type[TrainSettings]] = SFTTrainSettings
 
 
 class PreferenceDataSpec(DataSpec):
-    path: str = "builtin:pig-latin-prefs"
-    pairs: Literal["best_worst", "all"] = "best_worst"
-    """Scored completions: best vs worst, or every pair whose scores differ by more than `score_margin`."""
-    score_margin: float = Field(default=0.0, ge=0.0)
+    path: Annotated[str, Flag("--data", "-d")] = "builtin:pig-latin-prefs"
+    """Preference data: jsonl/json/csv/parquet file, hub dataset, or builtin:NAME."""
+    loss_on: Literal["assistant", "last", "all"] = "assistant"
+    """Not used by DPO (its loss is on the completions)."""
+    pairs: Annotated[Literal["best_worst", "all"], Flag("--pairs")] = "best_worst"
+    """Scored completions: best vs worst, or every pair above --score-margin."""
+    score_margin: Annotated[float, Field(ge=0.0), Flag("--score-margin")] = 0.0
+    """Scored completions: least score difference for a pair."""
 
 
 class DPORecipe(TrainRecipe):
     """`align dpo`. beta, loss_type, label_smoothing and every other DPOConfig field go through `train`."""
 
+    train_settings: ClassVar[type[TrainSettings]] = DPOTrainSettings
+
     data: PreferenceDataSpec = PreferenceDataSpec()
-    adapter: str | None = None
-    """The SFT adapter dir: the policy starts as a copy of it, and (with ref=adapter) it is the reference."""
-    ref: str | None = None
-    """auto | adapter | base | precompute | model:PATH. Default (auto): precompute where the data allows it, else
-    adapter when `adapter` is set, else base (align.train.dpo.choose_reference)."""
-    max_prompt_length: int | None = Field(default=None, gt=0)
+    lora: DPOLoraSpec = DPOLoraSpec()
+    adapter: Annotated[str | None, Flag("--adapter", "-a", unset="none (fresh LoRA)")] = None
+    """SFT adapter dir: the policy starts as a copy of it, and (with ref adapter) it is the reference."""
+    ref: Annotated[str | None, Flag("--ref", unset="auto",
+                                    metavar="auto|adapter|base|precompute|model:PATH")] = None
+    """Reference: auto (precompute where the data allows, else the SFT adapter, or the base without one), the frozen
+    SFT adapter, the base (adapters off), log-probs precomputed once, or a separate model."""
+    max_prompt_length: Annotated[int | None, Field(gt=0), Flag("--max-prompt-length", unset="none")] = None
     """Keep the last N prompt tokens (the ones nearest the answer). TRL 1.16's DPOConfig has only max_length."""
-    max_completion_length: int | None = Field(default=None, gt=0)
+    max_completion_length: Annotated[int | None, Field(gt=0), Flag("--max-completion-length", unset="none")] = None
     """Keep the first N tokens of each completion."""
 
     @field_validator("ref")
     @classmethod
     def _known_reference(cls, value: str | None) -> str | None:
-        if value is None or value in ("auto", "adapter", "base", "precompute"):
-            return value
-        if value.startswith("model:") and value.removeprefix("model:").strip():
-            return value
-        raise ValueError("expected auto, adapter, base, precompute or model:PATH")
+        if value is not None:
+            parse_reference(value)
+        return value
 
 
 # ---- loading and overriding --------------------------------------------------------------------------------------
@@ -289,8 +442,18 @@ def one_line_error(exc: ValidationError, where: str, cls: type[BaseModel] | None
         hint = did_you_mean(str(error["loc"][-1]), list(section.model_fields)) if section else ""
         return AlignError(f"{where}: unknown key {loc!r}{hint}")
     got = repr(error.get("input"))
-    got = f" (got {got})" if len(got) <= 80 else ""
+    got = f" (got {got}{_flag_of(cls, error['loc']) if cls is not None else ''})" if len(got) <= 80 else ""
     return AlignError(f"{where}: {loc or 'top level'}: {error['msg']}{got}")
+
+
+def _flag_of(cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """`, flag --lr` for an error in a field that has a flag, so the message names what the user typed too."""
+    section = _section_model(cls, loc[:-1])
+    if section is None and tuple(loc[:-1]) == ("train",) and issubclass(cls, TrainRecipe):
+        section = cls.train_settings
+    field = section.model_fields.get(str(loc[-1])) if section is not None and loc else None
+    flag = next((m for m in field.metadata if isinstance(m, Flag)), None) if field is not None else None
+    return f", flag {flag.names[0]}" if flag else ""
 
 
 def _section_model(cls: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -27,11 +27,6 @@ def is_main_process() -> bool:
     return _state().is_main_process
 
 
-def wait_for_everyone() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _state().wait_for_everyone()
-
-
 def _state() -> Any:
     """accelerate's process state. On a machine without GPUs it must be told `cpu=True`, or every process of a
     multi-process CPU run believes it is rank 0 (accelerate only picks MULTI_CPU/gloo for cpu=True)."""

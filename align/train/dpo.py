@@ -38,16 +38,12 @@ from align.core.errors import AlignError
 from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
 from align.core.preferences import PreferenceData, load_preference_data
+from align.core.reference import ReferenceMode
 from align.train.training import (
     attach_lora, check_run_inputs, finished_run, estimated_steps, final_metrics, finish_training, log_series, lora_config,
     evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer, run_record, train,
     trainer_arguments, training_run,
 )
-
-REFERENCE_MODES = ("adapter", "base", "precompute", "model")
-
-# LoRA DPO learns at ~5e-6 to 5e-5 (full fine-tuning at 5e-7 to 5e-6); SFT's 2e-4 would overshoot.
-DPO_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5}
 
 # The step-0 check compares against exact values. Policy and reference run the same weights through the same
 # kernels, so in the adapter and base modes they agree bit for bit, in every dtype; precompute is checked on the batch
@@ -251,13 +247,14 @@ def preference_collator(recipe: DPORecipe, config: Any, tokenizer: Any) -> Lengt
 # ---- models ------------------------------------------------------------------------------------------------------
 
 
-def load_policy(policy: ResolvedModel, recipe: DPORecipe, tokenizer: Any, gradient_checkpointing: bool) -> tuple[Any, Any]:
+def load_policy(policy: ResolvedModel, recipe: DPORecipe, tokenizer: Any, gradient_checkpointing: bool,
+                seed: int) -> tuple[Any, Any]:
     """(model, peft_config for TRL). With an SFT adapter: a PeftModel whose trainable "default" adapter is the SFT
     adapter (TRL then adds the frozen "ref" copy). Without: the bare base and a fresh LoraConfig, which TRL wraps."""
     options = LoadOptions(recipe.model.dtype, recipe.model.attn, recipe.model.quantize)
     model = load_model(policy, options, tokenizer, adapter="trainable")
     if policy.adapter is not None:
-        return attach_lora(model, policy, recipe.lora, gradient_checkpointing), None
+        return attach_lora(model, recipe.lora, gradient_checkpointing, seed), None
     return prepare_quantized(model, gradient_checkpointing), lora_config(recipe.lora)
 
 
@@ -401,9 +398,9 @@ def dpo_config(args: dict[str, Any]) -> Any:
 
 
 def dpo_arguments(recipe: DPORecipe, reference: ReferencePlan, trainer_args: dict[str, Any]) -> dict[str, Any]:
-    """Our machine defaults and recipe.train (trainer_arguments), DPO's own defaults under recipe.train, and the
-    reference mode's switch."""
-    args = {**trainer_args, **{k: v for k, v in DPO_DEFAULTS.items() if k not in recipe.train}}
+    """Our machine defaults and the recipe's train settings (trainer_arguments; DPO's own defaults are in
+    config.DPOTrainSettings), and the reference mode's switch."""
+    args = dict(trainer_args)
     if reference.mode == "precompute":
         args["precompute_ref_log_probs"] = True
     elif args.get("precompute_ref_log_probs"):
@@ -439,7 +436,7 @@ def build_trainer(recipe: DPORecipe, policy: ResolvedModel, reference: Reference
     from datasets import Dataset
     from trl import DPOTrainer
 
-    model, peft_config = load_policy(policy, recipe, tokenizer, gradient_checkpointing)
+    model, peft_config = load_policy(policy, recipe, tokenizer, gradient_checkpointing, int(config.seed))
     ref_model = load_reference_model(reference.model, recipe, tokenizer, model) if reference.model else None
     try:
         with library_bars_as_transformers():  # precompute's pass over the data runs inside
@@ -473,9 +470,7 @@ def run_dpo(recipe: DPORecipe, progress: bool = True) -> Path:
         data = prepare_preference_data(recipe)
     reference = choose_reference(reference, recipe.train, len(data.train))
     steps = estimated_steps(recipe.train, len(data.train))
-    # The memory planner knows adapter, precompute and model; a fresh LoRA against the base costs what adapter does.
-    planned_ref = "adapter" if reference.mode == "base" else reference.mode
-    plan = plan_machine(recipe.model, recipe.train, steps, recipe, "dpo", planned_ref)
+    plan = plan_machine(recipe.model, recipe.train, recipe, "dpo", reference.mode)
     args = dpo_arguments(recipe, reference, trainer_arguments(recipe, plan, partial_dir(out)))
     evaluate_at_saves(args, bool(data.eval), recipe.train)
     config = dpo_config(args)

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from align.core.errors import AlignError
+from align.core.reference import ReferenceMode
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 Stage = Literal["sft", "dpo"]
-RefKind = Literal["adapter", "precompute", "model"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -221,7 +221,9 @@ class TrainSetup:
     """Does not change a step's peak; kept so suggestions preserve the effective batch."""
     gradient_checkpointing: bool = False
     attn: str = "sdpa"
-    ref: RefKind = "adapter"
+    ref: ReferenceMode = "adapter"
+    """Only `model` costs memory of its own (a second copy of the weights); a fresh LoRA against the base (`base`)
+    plans as `adapter` does, and precompute's one-off reference pass is not the peak."""
     num_processes: int = 1
     zero: Literal[0, 2, 3] = 0
     chunked_loss: bool = True
@@ -683,7 +685,7 @@ def setup_from_recipe(recipe: Any, stage: Stage, ref: str | None = None, device:
 
     device = device or _default_device()
     precision = pick_precision(recipe.model.dtype, device)
-    train = recipe.train
+    train = recipe.train_arguments()  # with the recipe's defaults, so the plan is of the run the command would do
     targets = recipe.lora.target_modules
     return TrainSetup(
         stage=stage,
@@ -694,10 +696,10 @@ def setup_from_recipe(recipe: Any, stage: Stage, ref: str | None = None, device:
         lora_r=None if full else recipe.lora.r,
         lora_targets=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=recipe.lora.dropout,
-        optim=str(train.get("optim", "adamw_torch")),
-        batch_size=int(train.get("per_device_train_batch_size", 8)),  # TrainingArguments' default
-        max_length=int(train.get("max_length") or 1024),  # SFTConfig's and DPOConfig's default
-        grad_accum=int(train.get("gradient_accumulation_steps", 1)),
+        optim=str(train["optim"]),
+        batch_size=int(train["per_device_train_batch_size"]),
+        max_length=int(train["max_length"] or TrainSetup.max_length),  # None (no truncation): plan a typical length
+        grad_accum=int(train["gradient_accumulation_steps"]),
         gradient_checkpointing=recipe.model.gradient_checkpointing is True or bool(train.get("gradient_checkpointing")),
         attn="flash" if str(recipe.model.attn).startswith("flash") else recipe.model.attn,
         ref=(ref or ("precompute" if train.get("precompute_ref_log_probs") else "adapter")),  # type: ignore[arg-type]

@@ -100,7 +100,7 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
     with timer.phase("data"):
         data = prepare_sft_data(recipe, tokenizer)
     steps = estimated_steps(recipe.train, len(data.train))
-    plan = plan_machine(recipe.model, recipe.train, steps, recipe, "sft",
+    plan = plan_machine(recipe.model, recipe.train, recipe, "sft",
                         lengths=[len(row["input_ids"]) for row in data.train])
     args = trainer_arguments(recipe, plan, partial_dir(out))
     evaluate_at_saves(args, bool(data.eval), recipe.train)
@@ -111,7 +111,7 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
         with timer.phase("load_model"):
             options = LoadOptions(recipe.model.dtype, recipe.model.attn, recipe.model.quantize)
             model = load_model(resolved, options, tokenizer, adapter="trainable")
-            model = attach_lora(model, resolved, recipe.lora, plan.gradient_checkpointing, int(args["seed"]))
+            model = attach_lora(model, recipe.lora, plan.gradient_checkpointing, int(args["seed"]))
         trainer = quiet_trainer(SFTTrainer(
             model=model,
             args=config,

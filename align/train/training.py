@@ -53,7 +53,7 @@ def lora_config(spec: LoraSpec, task: str = "CAUSAL_LM") -> Any:
 def check_lora_compatibility(recipe: TrainRecipe) -> None:
     """Incompatible flag combinations, caught before anything loads."""
     if recipe.lora.init == "loftq" and recipe.model.quantize:
-        raise AlignError("--lora init loftq quantizes the base itself: load it unquantized (drop --quantize)")
+        raise AlignError("--lora-init loftq quantizes the base itself: load it unquantized (drop --quantize)")
     if recipe.lora.init == "pissa" and recipe.model.quantize:
         raise AlignError("PiSSA init needs the full-precision base weights (drop --quantize, or use lora.init=default)")
     if recipe.lora.dora and recipe.model.quantize == "8bit":
@@ -72,13 +72,13 @@ def check_run_inputs(recipe: TrainRecipe) -> Path:
     return out
 
 
-def attach_lora(model: Any, resolved: ResolvedModel, spec: LoraSpec, gradient_checkpointing: bool,
-                seed: int = 0) -> Any:
+def attach_lora(model: Any, spec: LoraSpec, gradient_checkpointing: bool, seed: int) -> Any:
     """A fresh LoRA adapter, or keep training the adapter `--model` named. Quantized bases are prepared for QLoRA
     (frozen base, input grads; see `prepare_quantized`).
 
     Seeded here because LoRA's A matrices are drawn when the adapter is created, before the Trainer seeds anything:
     without it two runs with the same seed differ from step 2 on, and a resumed run cannot match an unbroken one.
+    The seed is the run's (train.seed): no default, so no caller can reset the global random state to another one.
     """
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
@@ -159,7 +159,7 @@ class MachinePlan:
         return overrides
 
 
-def plan_machine(model_spec: ModelSpec, train: dict[str, Any], steps: int, recipe: TrainRecipe | None = None,
+def plan_machine(model_spec: ModelSpec, train: dict[str, Any], recipe: TrainRecipe | None = None,
                  stage: str = "sft", ref: str | None = None, lengths: list[int] | None = None) -> MachinePlan:
     """`lengths`: the tokenized training rows' lengths (SFT), for the packing decision."""
     precision = pick_precision(model_spec.dtype)
@@ -283,33 +283,17 @@ def liger_choice(train: dict[str, Any], ref: str | None) -> tuple[bool, str]:
 
 
 def trainer_arguments(recipe: TrainRecipe, plan: MachinePlan, workdir: Path) -> dict[str, Any]:
-    """TRL/Trainer keyword arguments: our machine-aware defaults, then the recipe's `train` section on top."""
+    """TRL/Trainer keyword arguments: our machine-aware choices, then the recipe's `train` section with its defaults
+    (written once, in config.TrainSettings)."""
     precision = plan.precision
     defaults: dict[str, Any] = {
         "output_dir": str(workdir),
         "bf16": precision.bf16_autocast or precision.weights == torch.bfloat16,
         "fp16": precision.weights == torch.float16,
         "torch_compile": plan.torch_compile,
-        "learning_rate": 2e-4,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.05,
-        "weight_decay": 0.0,
-        "per_device_train_batch_size": 8,
-        "gradient_accumulation_steps": 1,
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "save_steps": 100,
-        "save_total_limit": 2,
-        "report_to": "none",
-        "disable_tqdm": True,
-        "seed": 0,
-        "data_seed": 0,
-        "dataloader_num_workers": 0,
-        "ddp_find_unused_parameters": False,  # LoRA leaves no parameter unused; True costs an extra graph walk
         "use_cpu": not torch.cuda.is_available(),
-        "include_num_input_tokens_seen": "non_padding",
     }
-    merged = {**defaults, **recipe.train, **plan.trainer_overrides()}
+    merged = {**defaults, **recipe.train_arguments(), **plan.trainer_overrides()}
     merged["output_dir"] = str(workdir)  # artifacts always go through the atomic output dir
     # The plan already folded in either spelling of the flag; the kwargs keep the recipe's, under the installed name.
     flag, kwargs_name = checkpointing_argument_names()
