@@ -44,6 +44,7 @@ def files(tmp: Path) -> dict[str, Path]:
         "yaml_unknown": tmp / "unknown.yaml",
         "yaml_lr_fast": tmp / "lr_fast.yaml",
         "yaml_bad_stage": tmp / "bad_stage.yaml",
+        "yaml_stage_train": tmp / "stage_train.yaml",
         "suite_bad_kind": tmp / "suite.yaml",
         "not_a_dir": tmp / "a_file",
     }
@@ -62,6 +63,7 @@ def files(tmp: Path) -> dict[str, Path]:
     made["yaml_unknown"].write_text("trian: {max_steps: 1}\n")
     made["yaml_lr_fast"].write_text("train: {learning_rate: fast}\n")
     made["yaml_bad_stage"].write_text("model: {name: x}\nstages:\n  - {name: s, kind: bake}\n")
+    made["yaml_stage_train"].write_text("stages:\n  - {name: s, kind: sft, train: {adam_beta2: fast}}\n")
     made["suite_bad_kind"].write_text("name: s\ntasks:\n  - {name: t, kind: guess, data: builtin:pig-latin}\n")
     made["not_a_dir"].write_text("x")
     return made
@@ -161,6 +163,8 @@ CASES: list[Case] = [
     ("inspect-binary", "align", fixed("data", "inspect", "{binary}", "--model", "{model}"), ("not UTF-8",)),
     ("inspect-missing", "align", fixed("data", "inspect", "{out}.jsonl", "--model", "{model}"), ("not found",)),
     ("run-recipe-binary", "align", fixed("run", "{yaml_binary}", "-o", "{out}"), ("not UTF-8", "invalid YAML")),
+    ("run-stage-train-value", "align", fixed("run", "{yaml_stage_train}", "-o", "{out}"),
+     ("stage 's': train.adam_beta2: expected a number, got 'fast'",)),
     ("run-unknown-stage-kind", "align", fixed("run", "{yaml_bad_stage}", "-o", "{out}"), ("kind", "bake")),
     # ---- merge ----
     ("merge-linear-weights-words", "merge", fixed("linear", "{model}", "{model}", "--weights", "a,b", "-o", "{out}"),
@@ -208,7 +212,7 @@ def test_the_corpus_covers_every_command():
 def files_stub() -> dict[str, Path]:
     return {name: Path(name) for name in ("good", "prefs", "binary", "latin1", "scalar", "list_row", "empty", "txt",
                                            "unknown_format", "truncated", "bad_role", "yaml_binary", "yaml_invalid",
-                                           "yaml_list", "yaml_unknown", "yaml_lr_fast", "yaml_bad_stage",
+                                           "yaml_list", "yaml_unknown", "yaml_lr_fast", "yaml_bad_stage", "yaml_stage_train",
                                            "suite_bad_kind", "not_a_dir")}
 
 

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from align.core.artifacts import is_complete, write_json
-from align.core.config import DPORecipe, ModelSpec, SFTRecipe, TrainRecipe, load_yaml, parse_set, set_path, validate
+from align.core.config import (
+    DPORecipe, ModelSpec, SFTRecipe, TrainRecipe, check_trl_keys, load_yaml, parse_set, set_path, validate,
+)
 from align.core.errors import AlignError
+from align.core.trl_fields import check_trl_values
 from align.pipeline.export import run_export_stage
 from align.pipeline.pairs import run_pairs_stage
 from align.pipeline.report import run_eval_stage, write_report
@@ -41,7 +44,20 @@ def load_pipeline(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> P
                              f"({', '.join(n for n in stages if n)})")
     recipe = validate(PipelineRecipe, data, str(path))
     anchor_suite_paths(recipe, Path(path).parent)
+    for stage in recipe.stages:
+        check_stage_train(stage, f"{path}: stage '{stage.name}'")
     return recipe
+
+
+def check_stage_train(stage: Any, where: str) -> None:
+    """A training stage's `train` section checked as `align sft`/`align dpo` check theirs, before any stage runs:
+    keys against the TRL config, values coerced and in range (`align.core.trl_fields`)."""
+    from trl import DPOConfig, SFTConfig
+
+    config = {"sft": SFTConfig, "dpo": DPOConfig}.get(getattr(stage, "kind", ""))
+    if config is not None:
+        check_trl_keys(stage.train, config, where)
+        check_trl_values(stage, config, where)  # refuses; the stage's own validation already typed its fields
 
 
 def anchor_suite_paths(recipe: PipelineRecipe, base: Path) -> None:
