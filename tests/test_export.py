@@ -162,7 +162,6 @@ def test_tied_embeddings_write_no_output_tensor_and_reload_tied(tmp_path, cache_
 
 
 def test_an_adapter_is_merged_into_its_base_before_export(bpe_model_dir, tmp_path, cache_dir):
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -182,7 +181,6 @@ def test_an_adapter_is_merged_into_its_base_before_export(bpe_model_dir, tmp_pat
     assert check.max_abs_diff < 2e-2 and check.top1_agreement == 1.0
     # and the adapter mattered: the base alone differs from the merged source by far more than rounding
     assert verify_round_trip(str(adapter), plain).max_abs_diff > 10 * check.max_abs_diff
-    del torch
 
 
 def test_cli_writes_the_file_and_prints_the_round_trip(bpe_model_dir, tmp_path, cache_dir):
