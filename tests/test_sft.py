@@ -207,7 +207,7 @@ def test_packing_trains_on_blocks(tiny_model_dir, tmp_path):
 def test_embedded_model_learns_pig_latin_and_adapter_changes_output(tmp_path):
     from peft import AutoPeftModelForCausalLM
 
-    from align.core.demo import PROMPT, pig_latin
+    from align.core.demo import PROMPT, builtin_dataset, pig_latin
     from align.core.models import load_model, load_tokenizer, resolve_model
 
     spec = SFTRecipe.model_validate({
@@ -223,12 +223,25 @@ def test_embedded_model_learns_pig_latin_and_adapter_changes_output(tmp_path):
 
     resolved = resolve_model("smollm2-135m")
     tokenizer = load_tokenizer(resolved)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT.format(sentence="the cat")}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
     base = load_model(resolved, tokenizer=tokenizer)
     tuned = AutoPeftModelForCausalLM.from_pretrained(str(out))
-    generate = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    before = tokenizer.decode(base.generate(**prompt, **generate)[0], skip_special_tokens=True)
-    after = tokenizer.decode(tuned.generate(**prompt, **generate)[0], skip_special_tokens=True)
-    assert before != after
-    assert pig_latin("the cat").split()[0] in after or "ay" in after.rsplit("assistant", 1)[-1]
+    # sentences of training words the model has not seen together; scored by whole words in place, so an answer
+    # that merely contains "ay" (any "say" or "day") scores nothing
+    sentences = [row["messages"][0]["content"].split(": ", 1)[1] for row in builtin_dataset("pig-latin", "seen")[:4]]
+
+    def word_accuracy(model) -> float:
+        right = total = 0
+        for sentence in sentences:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT.format(sentence=sentence)}],
+                                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            ids = model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            answer = tokenizer.decode(ids[0][prompt["input_ids"].shape[1]:], skip_special_tokens=True).split()
+            expected = pig_latin(sentence).split()
+            right += sum(a == e for a, e in zip(answer, expected))
+            total += len(expected)
+        return right / total
+
+    before, after = word_accuracy(base), word_accuracy(tuned)
+    print(f"word accuracy before {before:.2f}, after {after:.2f}")
+    # measured on a 2-core CPU: 0.00 before, 0.10 after (30 steps learn a few whole words, not the rule)
+    assert before < 0.1 and after > before
