@@ -108,3 +108,18 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def reference_adapter_dropped(monkeypatch) -> None:
+    """In adapter mode: TRL's frozen "ref" copy removed, so its reference forward disables adapters (the base): the
+    wrong reference that the step-0 check must catch."""
+    import align.train.dpo
+
+    prepare = align.train.dpo.prepare_reference
+
+    def drop_reference_adapter(trainer, reference):
+        prepare(trainer, reference)
+        trainer.model.delete_adapter("ref")
+        trainer.model.set_adapter("default")
+
+    monkeypatch.setattr(align.train.dpo, "prepare_reference", drop_reference_adapter)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import reference_adapter_dropped, write_jsonl
 from safetensors.torch import load_file
 
 import align.train.dpo
@@ -111,14 +111,7 @@ def test_step0_check_fails_when_the_reference_is_the_base_instead_of_the_sft_ada
     """The classic silent failure: the policy starts from the SFT adapter while the reference forward runs with
     adapters disabled (the base). Built here by dropping TRL's frozen "ref" adapter, which makes TRL fall back to
     disabling adapters for its reference forward."""
-    prepare = align.train.dpo.prepare_reference
-
-    def drop_reference_adapter(trainer, reference):
-        prepare(trainer, reference)
-        trainer.model.delete_adapter("ref")
-        trainer.model.set_adapter("default")
-
-    monkeypatch.setattr(align.train.dpo, "prepare_reference", drop_reference_adapter)
+    reference_adapter_dropped(monkeypatch)
     with pytest.raises(AlignError, match=r"step-0 reference check failed for --ref adapter.*not the model the policy"):
         run_dpo(recipe(tiny_model_dir, prefs(tmp_path), tmp_path / "out", sft_adapter), progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import reference_adapter_dropped, write_jsonl
 
 import align.train.dpo
 from align.core.config import DPORecipe, SFTRecipe
@@ -104,18 +104,6 @@ def reference_without_sft_adapter(monkeypatch) -> None:
             return original(self, model, inputs)
 
     monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", base_log_probs)
-
-
-def reference_adapter_dropped(monkeypatch) -> None:
-    """In adapter mode: TRL's frozen "ref" copy removed, so its reference forward disables adapters (the base)."""
-    prepare = align.train.dpo.prepare_reference
-
-    def drop_reference_adapter(trainer, reference):
-        prepare(trainer, reference)
-        trainer.model.delete_adapter("ref")
-        trainer.model.set_adapter("default")
-
-    monkeypatch.setattr(align.train.dpo, "prepare_reference", drop_reference_adapter)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

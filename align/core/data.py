@@ -97,11 +97,13 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         raise DataError(f"{path}: nested too deeply to read") from None
 
 
-def _decode(raw: bytes, path: Path, where: str) -> str:
-    """UTF-8 text with a leading byte-order mark dropped."""
+def _decode(raw: bytes, path: Path, where: str | None = None) -> str:
+    """UTF-8 text with a leading byte-order mark dropped. `where` names the line; for a whole file it is found
+    from the offset of the undecodable byte."""
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        where = where or f"line {_line_of(raw, exc.start)}"
         raise DataError(f"{path}: {where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}; "
                         "save the file as UTF-8)") from None
 
@@ -147,11 +149,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     raw = _read_whole(path, "JSON")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: line {_line_of(raw, exc.start)}: not UTF-8 text (byte 0x{raw[exc.start]:02x}; "
-                        "save the file as UTF-8)") from None
+    text = _decode(raw, path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -170,11 +168,7 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     raw = _read_whole(path, "CSV")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: line {_line_of(raw, exc.start)}: not UTF-8 text (byte 0x{raw[exc.start]:02x}; "
-                        "save the file as UTF-8)") from None
+    text = _decode(raw, path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows: list[dict[str, Any]] = []
     try:
