@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import reference_adapter_dropped, write_jsonl
 
-import align.train.dpo
 from align.core.config import DPORecipe, SFTRecipe
 from align.core.errors import AlignError
 from align.train.dpo import run_dpo
