@@ -303,3 +303,20 @@ def test_a_pipeline_export_stage_writes_the_file_and_the_report_names_it(bpe_mod
         bad = tmp_path / "bad.yaml"
         bad.write_text(recipe.read_text().replace("model: base", "model: merged"))
         load_pipeline(bad)
+
+
+def test_a_gguf_tokenizer_takes_its_special_tokens_from_the_file_metadata(bpe_model_dir, tmp_path):
+    """transformers 5.17's GPT-2 GGUF converter returns the BOS token as EOS; the metadata ids win."""
+    from transformers import AutoTokenizer
+
+    from align.core.export import export_gguf
+    from align.core.models import gguf_special_token_ids, set_gguf_special_tokens
+
+    path = export_gguf(str(bpe_model_dir), tmp_path / "m.gguf", "f16").path
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ids = gguf_special_token_ids(path)
+    tokenizer.eos_token = tokenizer.bos_token  # what the 5.17 converter hands back
+    set_gguf_special_tokens(tokenizer, path)
+    assert tokenizer.eos_token_id == ids["eos"] != ids["bos"]
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.bos_token_id == ids["bos"]

@@ -142,6 +142,7 @@ def gguf_to_safetensors(gguf: Path, cache: Path | None = None, digest: str | Non
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like the HF cache
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        set_gguf_special_tokens(tokenizer, gguf)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # The tensors are already dequantized to fp32; only the GGUF quantizer marker blocks save_pretrained.
         model.hf_quantizer = None
@@ -158,6 +159,30 @@ def gguf_to_safetensors(gguf: Path, cache: Path | None = None, digest: str | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """BOS/EOS/UNK/PAD ids as the GGUF file's metadata states them (what llama.cpp reads)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    ids = {}
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None:
+            ids[role] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def set_gguf_special_tokens(tokenizer: Any, gguf: Path) -> None:
+    """Take the special tokens from the file's metadata rather than from transformers' GGUF tokenizer converter:
+    the GPT-2/BPE converter of transformers 5.17 (our lowest supported version) reads the EOS token from the BOS id
+    and then swaps the two, so SmolLM2's `<|im_end|>` came back as `<|im_start|>`. Later versions agree with the
+    metadata, and then this changes nothing."""
+    vocab_size = len(tokenizer)
+    for role, token_id in gguf_special_token_ids(gguf).items():
+        if 0 <= token_id < vocab_size:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def resolve_model(spec: str, cache: Path | None = None) -> ResolvedModel:
