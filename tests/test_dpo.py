@@ -232,6 +232,7 @@ def test_embedded_dpo_after_sft_prefers_the_right_translations_on_held_out_sente
     out = run_dpo(DPORecipe.model_validate({
         "model": {"name": "smollm2-135m", "compile": False},
         "adapter": str(sft),
+        "ref": "adapter",  # the headline mode, named: the default (auto) would precompute on this fixed data
         "data": {"path": "builtin:pig-latin-prefs", "limit": 100, "eval_path": "builtin:pig-latin-prefs",
                  "eval_split": "seen"},
         "train": {"max_steps": 50, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 8,
