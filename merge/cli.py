@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from align.core.clitools import CONTEXT_SETTINGS, comma_floats, debug_option, handle_errors
-from merge.methods import MergeParams
+from merge.methods import DEFAULT_DENSITY, METHODS, PARAMETERS, MergekitMethod, MergeParams, Option
 from merge.run import MergeRequest, run_config_file, run_merge_request
 
 
@@ -42,7 +42,31 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def weights_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--weights", default=None, help="Comma-separated, one per model, e.g. 0.7,0.3.")(fn)
+    return click.option(PARAMETERS["weight"].flag_for("weight"), "weights", default=None,
+                        help=PARAMETERS["weight"].help)(fn)
+
+
+seed_option = click.option("--seed", type=int, default=None,
+                           help="Random seed for methods that draw at random (DARE, DELLA): same seed, same merge.")
+
+
+def base_option(required: bool = True) -> Callable[..., Any]:
+    """--base: mergekit's base_model. Where the method requires one, adapters of one base imply it."""
+    help_text = ("The model the others were fine-tuned from (default: the adapters' base)." if required else
+                 "A base model: with one, the models' task vectors are merged (default: none).")
+    return click.option("--base", default=None, help=help_text)
+
+
+def parameter_option(option: Option) -> Callable[..., Any]:
+    """A mergekit parameter as a click option; values stay text (or None when not given) until the method parses
+    them, so a bad value is one line naming the flag, and an absent one takes the method's default."""
+    text = f"{option.help.rstrip('.')} ({option.describe_default()})."
+    if option.kind is bool:
+        flag = option.flag.removeprefix("--")
+        return click.option(f"--{flag}/--no-{flag}", option.name, default=None, help=text)
+    number = "INT" if option.kind is int else "FLOAT"
+    metavar = f"{number}[,{number}...]" if option.per_model or option.name == "t" else number
+    return click.option(option.flag, option.name, default=None, metavar=metavar, help=text)
 
 
 def _request(method: str, models: tuple[str, ...], out: Path, mode: str | None, params: MergeParams,
@@ -55,9 +79,11 @@ def _done(path: Path) -> None:
     click.echo(f"merged into {path}")
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+# mergekit's spelling works too (`merge model_stock ... --select_topk`): the YAML name and the subcommand are one word
+@click.group(context_settings={**CONTEXT_SETTINGS, "token_normalize_func": lambda token: token.replace("_", "-")})
 def main() -> None:
-    """Merge models or LoRA adapters: linear, SLERP, layer stacking, task arithmetic, TIES, DARE (via mergekit)."""
+    """Merge models or LoRA adapters: linear, SLERP, layer stacking, task arithmetic, TIES, DARE and every other
+    mergekit method (via mergekit)."""
 
 
 @main.command()
@@ -104,7 +130,7 @@ def stack(slices: tuple[str, ...], out: Path, mode: str | None, **common: Any) -
 
 def _task_vector_command(method: str, doc: str, sparse: bool) -> None:
     @click.argument("models", nargs=-1, required=True)
-    @click.option("--base", default=None, help="The model the others were fine-tuned from (default: the adapters' base).")
+    @base_option()
     @weights_option
     @click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of the weights.")
     @output_options
@@ -119,8 +145,8 @@ def _task_vector_command(method: str, doc: str, sparse: bool) -> None:
     command.__doc__ = doc
     if sparse:
         command = click.option("--density", default=None,
-                               help="Share of each task vector kept, one value or one per model (default 0.5).")(command)
-        command = click.option("--seed", type=int, default=None, help="Random seed (DARE drops at random).")(command)
+                               help=f"{PARAMETERS['density'].help} (default {DEFAULT_DENSITY:g})")(command)
+        command = seed_option(command)
     if method == "dare":
         command = click.option("--consensus", is_flag=True, help="Elect signs as TIES does (mergekit's dare_ties).")(command)
     main.command(name=method)(command)
@@ -133,11 +159,42 @@ _task_vector_command("dare", "DARE: drop deltas at random (keep --density), resc
                      sparse=True)
 
 
+def _mergekit_command(method: MergekitMethod) -> None:
+    """`merge METHOD MODELS... [--base BASE] [--PARAMETER VALUE ...]`, its options the method's mergekit parameters."""
+    # numbers before switches, per-model ones first: the order one reads the method's math in
+    options = sorted(method.options(), key=lambda o: (o.kind is bool, not o.per_model))
+
+    def command(models: tuple[str, ...], out: Path, mode: str | None, base: str | None = None,
+                seed: int | None = None, **given: Any) -> None:
+        parsed = {o.name: o.parse(given.pop(o.name)) for o in options if given.get(o.name) is not None}
+        for o in options:
+            given.pop(o.name, None)
+        params = MergeParams(options=parsed, seed=seed)
+        _done(run_merge_request(_request(method.name, models, out, mode, params, base=base, **given)))
+
+    command.__doc__ = method.__doc__
+    decorators = [click.argument("models", nargs=-1, required=True)]
+    if method.base_policy != "ignored":
+        decorators.append(base_option(method.needs_base))
+    decorators += [parameter_option(o) for o in options]
+    if method.randomized:
+        decorators.append(seed_option)
+    decorators += [output_options, handle_errors]
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    main.command(name=method.name)(command)
+
+
+for _method in METHODS.values():
+    if isinstance(_method, MergekitMethod):
+        _mergekit_command(_method)
+
+
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output model dir.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output dir.")
-@click.option("--seed", type=int, default=None, help="Random seed for randomized methods.")
+@seed_option
 @shard_size_option
 @debug_option
 @handle_errors

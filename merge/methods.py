@@ -30,6 +30,9 @@ class MergeParams:
     seed: int | None = None
     slices: list[tuple[str, int, int]] = field(default_factory=list)
     """Layer stacking: (model path, start, end) with `end` exclusive, as in mergekit's `layer_range`."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The parameters of a MergekitMethod shortcut, by mergekit's name: a list (one value or one per model) for a
+    per-model parameter, one value for a shared one (`t`: a list, a gradient across layers when longer than 1)."""
 
 
 DEFAULT_DENSITY = 0.5
@@ -47,6 +50,8 @@ class MergeMethod:
     max_models: int | None = None
     adapter_space: bool = True
     """Whether adapters can be merged as adapters (`--as-adapter`) with this method."""
+    no_adapter_space: str = ""
+    """Why not, where it cannot."""
 
     def mergekit_method(self, params: MergeParams) -> str:
         """The name mergekit knows the method by."""
@@ -64,6 +69,17 @@ class MergeMethod:
             raise AlignError(f"{self.name} merges exactly {self.max_models} models; {count} given")
         if count < minimum:
             raise AlignError(f"{self.name} needs at least {minimum} models; {count} given")
+
+    def check_params(self, params: MergeParams, count: int) -> None:
+        """Refuse values mergekit would fail on (or silently clamp), before anything loads."""
+        from merge import inputs as checks
+
+        checks.check_count("--weights", params.weights, count, "models")
+        if params.density is not None and len(params.density) not in (1, count):
+            raise AlignError(f"--density: {len(params.density)} values given for {count} models (give 1 or {count})")
+        checks.check_density(params.density)
+        for name, values in (("-t", params.t), ("--t-attn", params.t_attn), ("--t-mlp", params.t_mlp)):
+            checks.check_unit_interval(name, values)
 
     def mergekit_config(self, models: list[str], base: str | None, params: MergeParams) -> dict[str, Any]:
         """The mergekit configuration; `models` and `base` are local model dirs."""
@@ -146,6 +162,7 @@ class Stack(MergeMethod):
     name = "stack"
     min_models = 0
     adapter_space = False
+    no_adapter_space = "layer stacking builds a new model"
 
     def mergekit_method(self, params: MergeParams) -> str:
         return "passthrough"
@@ -200,7 +217,344 @@ class Dare(Ties):
         return params.consensus
 
 
-METHODS: dict[str, MergeMethod] = {m.name: m for m in (Linear(), Slerp(), Stack(), TaskArithmetic(), Ties(), Dare())}
+# ---- every other mergekit method, its options read from mergekit ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """What mergekit does not record about one of its method parameters: the help and the values that make sense.
+    Its type, scope (per model or shared) and default are read from each method's mergekit spec."""
+
+    help: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    """`low` itself is refused."""
+    open_high: bool = False
+    flag: str | None = None
+    """The CLI flag, where it is not mergekit's name with - for _ (`--weights` and `-t`, the older shortcuts')."""
+
+    def flag_for(self, name: str) -> str:
+        return self.flag or "--" + name.replace("_", "-")
+
+    def check(self, flag: str, value: float) -> None:
+        too_low = self.low is not None and (value < self.low or (self.open_low and value == self.low))
+        too_high = self.high is not None and (value > self.high or (self.open_high and value == self.high))
+        if too_low or too_high:
+            low = "-inf" if self.low is None else f"{self.low:g}"
+            high = "inf" if self.high is None else f"{self.high:g}"
+            interval = f"{'(' if self.open_low or self.low is None else '['}{low}, {high}" \
+                       f"{')' if self.open_high or self.high is None else ']'}"
+            raise AlignError(f"{flag} {value:g} is outside {interval}")
+
+
+# Every parameter of the mergekit 0.1.5 methods below, by mergekit's name (the YAML key and, with - for _, the flag).
+PARAMETERS: dict[str, Parameter] = {
+    "weight": Parameter("Each model's weight, comma-separated, one per model, e.g. 0.7,0.3.", flag="--weights"),
+    "density": Parameter("Share of each task vector kept, one value or one per model.", 0, 1, open_low=True),
+    "gamma": Parameter("Share of each task vector's largest entries dropped as outliers before --density is kept, "
+                       "one value or one per model.", 0, 1, open_high=True),
+    "epsilon": Parameter("Spread of the keep probability around --density (smallest entries density - epsilon, "
+                         "largest density + epsilon), one value or one per model.", 0),
+    "lambda": Parameter("Scale of the merged task vector before it is added to the base."),
+    "normalize": Parameter("Divide the merged task vector by the sum of the weights."),
+    "rescale": Parameter("Rescale the kept entries so each task vector keeps its L1 norm."),
+    "int8_mask": Parameter("Hold sign-election masks in int8 (less memory, the same result)."),
+    "select_topk": Parameter("Share of task-vector entries kept: those that vary most across the models.", 0, 1,
+                             open_low=True),
+    "t": Parameter("Interpolation factor; a list such as 0,0.5,1 is a gradient across layers.", 0, flag="-t"),
+    "filter_wise": Parameter("Compute the ratio per row of each matrix instead of per tensor."),
+    "nuslerp_flatten": Parameter("Interpolate each tensor as one flat vector (--no-nuslerp-flatten: row by row or "
+                                 "column by column)."),
+    "nuslerp_row_wise": Parameter("Without flattening, interpolate rows instead of columns."),
+    "normalize_weights": Parameter("Divide the weights by their sum."),
+    "eps": Parameter("Floor for norms, against division by zero.", 0, open_low=True),
+    "max_iter": Parameter("Most iterations of the mean.", 1),
+    "tol": Parameter("Stop once an iteration moves the mean less than this.", 0, open_low=True),
+    "r": Parameter("Extra strength for entries only one model changed, scaled by the overlap ratio.", 0),
+    "alpha": Parameter("Cap on the overlap ratio that scales --r.", 0),
+}
+
+REQUIRED = object()
+"""The default of a parameter mergekit requires and the shortcut sets no default for: the user must give it."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One parameter of one method as the CLI shows and parses it."""
+
+    name: str
+    """mergekit's name."""
+    flag: str
+    help: str
+    kind: type
+    """float, int or bool."""
+    per_model: bool
+    default: Any
+
+    def describe_default(self) -> str:
+        if self.default is REQUIRED:
+            return "required"
+        if self.kind is bool:
+            return f"default {'on' if self.default else 'off'}"
+        return f"default {self.default:g}{' each' if self.per_model else ''}"
+
+    def parse(self, raw: str | bool) -> Any:
+        """The value from the command line: bools as given, numbers from text (a list where they are per model)."""
+        if self.kind is bool:
+            return bool(raw)
+        values = _numbers(str(raw), self.flag, self.kind)
+        if self.per_model or self.name == "t":
+            return values
+        if len(values) != 1:
+            raise AlignError(f"{self.flag} {raw!r}: expected one number")
+        return values[0]
+
+
+def _numbers(text: str, flag: str, kind: type) -> list[Any]:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        what = "whole numbers" if kind is int else "numbers"
+        raise AlignError(f"{flag} {text!r}: expected comma-separated {what}") from None
+    if not values:
+        raise AlignError(f"{flag} {text!r}: expected a number")
+    return values
+
+
+class MergekitMethod(MergeMethod):
+    """A shortcut for one mergekit method that adds nothing to it: its options are the method's own parameters as
+    mergekit names them, with the type, scope (per model or shared) and default of mergekit's spec, and the number of
+    models and whether a base is taken from the spec's input contract. It has no adapter-space form: adapters are
+    merged into their base first."""
+
+    adapter_space = False
+    no_adapter_space = "mergekit merges full models; --materialize merges each adapter into its base first"
+    defaults: dict[str, Any] = {}
+    """The shortcut's own default, where mergekit has none or where mergekit's makes the method a no-op."""
+    helps: dict[str, str] = {}
+    """What a parameter means for this method, where PARAMETERS' help says something else."""
+    randomized = False
+    """The method draws at random: `--seed` makes it repeatable."""
+
+    def spec(self) -> Any:
+        from mergekit.merge_methods import registry
+
+        return registry.get(self.mergekit_method(MergeParams())).spec
+
+    @property
+    def base_policy(self) -> str:
+        """`required`, `optional` or `ignored` (mergekit's BasePolicy)."""
+        return str(self.spec().contract.base.value)
+
+    @property
+    def needs_base(self) -> bool:  # type: ignore[override]
+        return self.base_policy == "required"
+
+    def model_counts(self) -> tuple[int, int | None]:
+        """(fewest, most) models besides the base. mergekit counts the base among its inputs; a merge of one model
+        without a base would be a copy, so that takes two."""
+        contract = self.spec().contract
+        if self.needs_base:
+            low = max(contract.min_non_base or 0, contract.min_inputs - 1, 1)
+            high = contract.max_non_base if contract.max_non_base is not None else (
+                contract.max_inputs - 1 if contract.max_inputs is not None else None)
+        else:
+            low, high = max(contract.min_non_base or 0, contract.min_inputs, 2), contract.max_non_base
+        return low, high
+
+    def check_count(self, count: int) -> None:
+        low, high = self.model_counts()
+        besides = " besides the base" if self.needs_base else ""
+        noun = "model" if low == 1 else "models"
+        if low == high and count != low:
+            raise AlignError(f"{self.name} merges exactly {low} {noun}{besides}; {count} given")
+        if count < low:
+            raise AlignError(f"{self.name} needs at least {low} {noun}{besides}; {count} given")
+        if high is not None and count > high:
+            raise AlignError(f"{self.name} merges at most {high} models{besides}; {count} given")
+
+    def options(self) -> list[Option]:
+        """The CLI shape: one option per mergekit parameter, in mergekit's order."""
+        from mergekit.merge_methods.base import ParameterScope
+
+        options = []
+        for spec in self.spec().parameters:
+            known = PARAMETERS[spec.name]
+            default = self.defaults.get(spec.name, REQUIRED if spec.required else spec.default)
+            kind = spec.value_type if spec.value_type in (bool, int) else float
+            options.append(Option(spec.name, known.flag_for(spec.name), self.helps.get(spec.name, known.help), kind,
+                                  spec.scope != ParameterScope.SHARED, default))
+        return options
+
+    @staticmethod
+    def given(params: MergeParams, name: str) -> Any:
+        """The user's value of a parameter, or None. The older shortcuts' fields count too, so a pipeline merge stage
+        (which sets weights, density and t) drives these methods as well."""
+        fields = {"weight": params.weights, "density": params.density, "t": params.t, "normalize": params.normalize}
+        value = params.options.get(name)
+        return fields.get(name) if value is None else value
+
+    def check_params(self, params: MergeParams, count: int) -> None:
+        for option in self.options():
+            value = self.given(params, option.name)
+            if value is None:
+                if option.default is REQUIRED:
+                    raise AlignError(f"{self.name} needs {option.flag} (mergekit has no default for {option.name})")
+                continue
+            if option.per_model:
+                allowed = (count,) if option.name == "weight" else (1, count)
+                if len(value) not in allowed:
+                    give = f"1 or {count}" if len(allowed) == 2 else str(count)
+                    raise AlignError(f"{option.flag}: {len(value)} values given for {count} models (give {give})")
+            for number in value if isinstance(value, list) else [value]:
+                if option.kind is not bool:
+                    PARAMETERS[option.name].check(option.flag, number)
+
+    def resolve(self, params: MergeParams, count: int) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+        """Every parameter's value, the user's or the default: (per model, one value per model; shared)."""
+        per_model: dict[str, list[Any]] = {}
+        shared: dict[str, Any] = {}
+        for option in self.options():
+            value = self.given(params, option.name)
+            if value is None:
+                value = option.default
+            if option.per_model:
+                values = value if isinstance(value, list) else [value]
+                per_model[option.name] = values if len(values) == count else values * count
+            elif option.name == "t":
+                shared["t"] = t_setting(MergeParams(t=value))
+            else:
+                shared[option.name] = value
+        return per_model, shared
+
+    def mergekit_config(self, models: list[str], base: str | None, params: MergeParams) -> dict[str, Any]:
+        """Every parameter written out, defaults included, so mergekit_config.yml says what ran."""
+        per_model, shared = self.resolve(params, len(models))
+        entries = []
+        for i, model in enumerate(models):
+            entry: dict[str, Any] = {"model": model}
+            if per_model:
+                entry["parameters"] = {name: values[i] for name, values in per_model.items()}
+            entries.append(entry)
+        config: dict[str, Any] = {"merge_method": self.mergekit_method(params), "models": entries}
+        if base is not None:
+            config["base_model"] = base
+        if shared:
+            config["parameters"] = shared
+        return config
+
+
+# The default density of a sparsifying shortcut: mergekit's is 1.0, which keeps every entry and leaves task arithmetic
+TASK_VECTOR_DEFAULTS = {"weight": 1.0, "density": DEFAULT_DENSITY}
+
+
+class ModelStock(MergekitMethod):
+    """Model Stock: the average of the models, moved toward --base by how much their task vectors agree."""
+
+    name = "model-stock"
+
+
+class Della(MergekitMethod):
+    """DELLA: drop task-vector entries at random, keeping large ones likelier (--density ± --epsilon), rescale, elect
+    signs as TIES does, add --lambda times the sum to --base."""
+
+    name = "della"
+    defaults = TASK_VECTOR_DEFAULTS
+    randomized = True
+
+    def check_params(self, params: MergeParams, count: int) -> None:
+        super().check_params(params, count)
+        per_model, _ = self.resolve(params, count)
+        for density, epsilon in zip(per_model["density"], per_model["epsilon"]):
+            # mergekit raises mid-merge otherwise; density 1 keeps everything and ignores epsilon
+            if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+                raise AlignError(f"--epsilon {epsilon:g} with --density {density:g}: density ± epsilon must lie "
+                                 "inside (0, 1)")
+
+
+class DellaLinear(Della):
+    """DELLA's pruning and rescaling, then a weighted sum of the task vectors (no sign election)."""
+
+    name = "della-linear"
+
+
+class Breadcrumbs(MergekitMethod):
+    """Model Breadcrumbs: per tensor, drop each task vector's largest --gamma share and its smallest entries, keeping
+    --density, then add the weighted sum to --base."""
+
+    name = "breadcrumbs"
+    defaults = TASK_VECTOR_DEFAULTS
+
+
+class BreadcrumbsTies(Breadcrumbs):
+    """Breadcrumbs pruning, then TIES sign election: only entries that agree with the elected sign are summed."""
+
+    name = "breadcrumbs-ties"
+
+
+class NuSlerp(MergekitMethod):
+    """NuSLERP: spherical interpolation of exactly two models by their relative --weights (of their task vectors
+    when --base is given)."""
+
+    name = "nuslerp"
+    defaults = {"weight": 1.0}
+
+
+class MultiSlerp(MergekitMethod):
+    """Multi-SLERP: spherical interpolation of any number of models by --weights (of their task vectors when --base
+    is given)."""
+
+    name = "multislerp"
+    defaults = {"weight": 1.0}
+
+
+class Karcher(MergekitMethod):
+    """Karcher mean: the Riemannian mean of the models' weights, found iteratively, equal weights."""
+
+    name = "karcher"
+
+
+class Sce(MergekitMethod):
+    """SCE: keep the task-vector entries that vary most across models (--select-topk), weight each model by its
+    squared magnitude, erase entries against the majority sign."""
+
+    name = "sce"
+
+
+class ArceeFusion(MergekitMethod):
+    """Arcee Fusion: take from MODEL only the entries that differ most from --base (a KL-based threshold)."""
+
+    name = "arcee-fusion"
+
+
+class NearSwap(MergekitMethod):
+    """NearSwap: move from --base toward MODEL only where the two are already close (by t / |difference|, at most
+    all the way)."""
+
+    name = "nearswap"
+    helps = {"t": "Distance scale: an entry moves fully to MODEL where |MODEL - base| <= t, less beyond (e.g. "
+                  "0.001); a list such as 0,0.001 is a gradient across layers."}
+
+
+class Ram(MergekitMethod):
+    """RAM: average each task-vector entry over only the models that changed it, so an update one model alone made
+    keeps its full strength."""
+
+    name = "ram"
+    helps = {"epsilon": "A model changed an entry when |its delta| > epsilon."}
+
+
+class RamPlusTl(Ram):
+    """RAM+ (tensor-local): RAM, with updates unique to one model scaled up by how much the models overlap."""
+
+    name = "ramplus-tl"
+
+
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (
+    Linear(), Slerp(), Stack(), TaskArithmetic(), Ties(), Dare(),
+    ModelStock(), Della(), DellaLinear(), Breadcrumbs(), BreadcrumbsTies(), NuSlerp(), MultiSlerp(), Karcher(), Sce(),
+    ArceeFusion(), NearSwap(), Ram(), RamPlusTl())}
 
 
 # ---- mergekit configurations ------------------------------------------------------------------------------------

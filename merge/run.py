@@ -80,12 +80,7 @@ def check_params(request: MergeRequest, count: int) -> None:
             raise AlignError("stack needs at least one --slice MODEL:START-END")
         return
     METHODS[method].check_count(count)
-    checks.check_count("--weights", params.weights, count, "models")
-    if params.density is not None and len(params.density) not in (1, count):
-        raise AlignError(f"--density: {len(params.density)} values given for {count} models (give 1 or {count})")
-    checks.check_density(params.density)
-    for name, values in (("-t", params.t), ("--t-attn", params.t_attn), ("--t-mlp", params.t_mlp)):
-        checks.check_unit_interval(name, values)
+    METHODS[method].check_params(params, count)
     if request.rank is not None and request.rank < 1:
         raise AlignError(f"--rank {request.rank}: must be at least 1")
 
@@ -103,7 +98,7 @@ def use_adapter_space(request: MergeRequest, items: list[MergeInput]) -> bool:
     """Adapter space when asked (--as-adapter), and by default for linear over adapters on one base."""
     if request.mode == "adapter":
         if not METHODS[request.method].adapter_space:
-            raise AlignError(f"{request.method} has no adapter-space form (layer stacking builds a new model)")
+            raise AlignError(f"{request.method} has no adapter-space form ({METHODS[request.method].no_adapter_space})")
         return True
     if request.mode == "materialize" or request.method != "linear":
         return False

@@ -342,6 +342,25 @@ ERROR_CASES = {
     "config_missing": (lambda d: ["config", d["tmp"] / "nope.yml"], "config file not found"),
     "config_invalid": (lambda d: ["config", d["bad_yaml"]], "merge_method"),
     "config_model_missing": (lambda d: ["config", d["missing_yaml"]], "/nonexistent/x not found"),
+    # the shortcuts over mergekit's other methods: their parameters and model counts, checked before any merge
+    "nearswap_no_t": (lambda d: ["nearswap", d["b"], "--base", d["a"]], "nearswap needs -t"),
+    "della_band": (lambda d: ["della", d["b"], "--base", d["a"], "--density", "0.9"],
+                   "--epsilon 0.15 with --density 0.9: density ± epsilon must lie inside (0, 1)"),
+    "della_no_base": (lambda d: ["della", d["a"], d["b"]], "della needs --base BASE"),
+    "gamma_range": (lambda d: ["breadcrumbs", d["b"], "--base", d["a"], "--gamma", "1"], "--gamma 1 is outside [0, 1)"),
+    "per_model_count": (lambda d: ["breadcrumbs-ties", d["b"], d["vocab"], "--base", d["a"],
+                                   "--density", "0.5,0.5,0.5"], "--density: 3 values given for 2 models (give 1 or 2)"),
+    "nuslerp_count": (lambda d: ["nuslerp", d["a"], d["b"], d["vocab"]], "nuslerp merges exactly 2 models; 3 given"),
+    "fusion_count": (lambda d: ["arcee-fusion", d["b"], d["vocab"], "--base", d["a"]],
+                     "arcee-fusion merges exactly 1 model besides the base; 2 given"),
+    "model_stock_count": (lambda d: ["model-stock", d["b"], "--base", d["a"]],
+                          "model-stock needs at least 2 models besides the base; 1 given"),
+    "topk_words": (lambda d: ["sce", d["b"], "--base", d["a"], "--select-topk", "most"],
+                   "--select-topk 'most': expected comma-separated numbers"),
+    "max_iter": (lambda d: ["karcher", d["a"], d["b"], "--max-iter", "0"], "--max-iter 0 is outside [1, inf)"),
+    "lambda_list": (lambda d: ["della", d["b"], "--base", d["a"], "--lambda", "1,2"], "--lambda '1,2': expected one"),
+    "shortcut_as_adapter": (lambda d: ["ram", d["b"], "--base", d["a"], "--as-adapter"],
+                            "ram has no adapter-space form"),
 }
 
 
