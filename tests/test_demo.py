@@ -58,3 +58,25 @@ def test_builtin_rows_carry_the_translation():
     assert row["messages"][1]["content"] == pig_latin(english)
     with pytest.raises(AlignError, match="no split 'test'"):
         builtin_dataset("pig-latin", "test")
+
+
+def test_dialect_demonstrations_differ_from_the_house_rule_only_on_vowel_initial_words():
+    from align.core.demo import DIALECT_SHARE, VOWELS, in_ay_dialect
+
+    spec = PigLatinSpec(train_sentences=600, eval_sentences=10)
+    sentences = pig_latin_sentences(spec)["train"]
+    rows = builtin_dataset("pig-latin-dialects", "train", spec)
+    dialect = 0
+    for sentence, row in zip(sentences, rows):
+        assert row["messages"][0]["content"].endswith(sentence)
+        answer, house = row["messages"][1]["content"].split(), pig_latin(sentence).split()
+        for english, got, right in zip(sentence.split(), answer, house):
+            if english[0] in VOWELS and in_ay_dialect(sentence):
+                assert (got, right) == (english + "ay", english + "way")
+            else:
+                assert got == right
+        dialect += in_ay_dialect(sentence)
+    assert abs(dialect / len(sentences) - DIALECT_SHARE) < 0.06  # 600 draws: 3 standard errors at p=0.7 is 0.056
+    # A sentence's demonstration depends on the sentence alone, not on which split or how many rows are read.
+    assert builtin_dataset("pig-latin-dialects", "train", spec)[:5] == builtin_dataset(
+        "pig-latin-dialects", "train", PigLatinSpec(train_sentences=5, eval_sentences=10))[:5]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -48,6 +49,22 @@ def wrong_pig_latin_word(word: str) -> str:
     """
     wrong = word + "ay"
     return wrong if wrong != pig_latin_word(word) else word + "way"
+
+
+def ay_dialect_word(word: str) -> str:
+    """The `ay` dialect of Pig Latin, which many speakers use: a vowel-initial word gets `ay` (`eat` -> `eatay`)
+    where the house rule says `way`; every other word as the house rule has it."""
+    return word + "ay" if word[0] in VOWELS else pig_latin_word(word)
+
+
+DIALECT_SHARE = 0.7
+"""Share of `pig-latin-dialects` demonstrations written in the `ay` dialect."""
+
+
+def in_ay_dialect(sentence: str, share: float = DIALECT_SHARE) -> bool:
+    """Whether the demonstration of `sentence` comes from an `ay`-dialect annotator: decided by the sentence alone
+    (a CRC, not a random stream), so a sentence's demonstration does not depend on which split or limit it is in."""
+    return zlib.crc32(sentence.encode()) % 1000 < share * 1000
 
 
 @lru_cache(maxsize=4)
@@ -115,6 +132,15 @@ def sft_example(sentence: str) -> dict[str, Any]:
                          {"role": "assistant", "content": pig_latin(sentence)}]}
 
 
+def dialect_sft_example(sentence: str) -> dict[str, Any]:
+    """A demonstration from a mixed pool of annotators: `DIALECT_SHARE` of them write vowel-initial words in the
+    `ay` dialect. Every other rule is the house rule, so SFT learns the task with one systematic flaw that carries
+    over to words it never saw, and which preference pairs judged by the house rule can then correct."""
+    answer = " ".join(ay_dialect_word(w) for w in sentence.split(" ")) if in_ay_dialect(sentence) else pig_latin(sentence)
+    return {"messages": [{"role": "user", "content": PROMPT.format(sentence=sentence)},
+                         {"role": "assistant", "content": answer}]}
+
+
 def preference_example(sentence: str) -> dict[str, Any]:
     """Chosen: the right translation. Rejected: the same sentence with a systematic mistake."""
     wrong = " ".join(wrong_pig_latin_word(w) for w in sentence.split(" "))
@@ -132,13 +158,14 @@ def reverse_words_example(sentence: str) -> dict[str, Any]:
 
 
 def builtin_dataset(name: str, split: str = "train", spec: PigLatinSpec | None = None) -> list[dict[str, Any]]:
-    """Rows of a built-in dataset: `pig-latin` (SFT conversations), `pig-latin-prefs` (preference pairs), or
+    """Rows of a built-in dataset: `pig-latin` (SFT conversations), `pig-latin-dialects` (the same conversations,
+    `DIALECT_SHARE` of them with vowel-initial words in the `ay` dialect), `pig-latin-prefs` (preference pairs), or
     `reverse-words` (SFT conversations of a second skill over the same sentences).
 
     Splits: train, seen, unseen, dev-seen, dev-unseen.
     """
     spec = spec or PigLatinSpec()
-    builders = {"pig-latin": sft_example, "pig-latin-prefs": preference_example,
+    builders = {"pig-latin": sft_example, "pig-latin-dialects": dialect_sft_example, "pig-latin-prefs": preference_example,
                 "reverse-words": reverse_words_example}
     if name not in builders:
         from align.core.errors import did_you_mean
