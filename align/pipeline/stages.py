@@ -85,6 +85,8 @@ class SelectSpec(Section):
     metric: str | dict[str, float] = "seen/exact_match"
     """`task/metric`, or {`task/metric`: weight, ...} for a weighted sum."""
     limit: int | None = 50
+    batch_size: int = Field(default=16, gt=0)
+    """Generation batch size of the selection eval (larger is faster on CPU, up to memory)."""
 
 
 class MergeStage(StageSpec):

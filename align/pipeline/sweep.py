@@ -88,7 +88,7 @@ def score_candidate(select: SelectSpec, model: Path, out: Path) -> dict[str, flo
     from eval.run import EvalRequest, run_eval
 
     report_dir = run_eval(EvalRequest(suite=select.suite, models=[("candidate", str(model))], output=out,
-                                      limit=select.limit, overwrite=True))
+                                      limit=select.limit, batch_size=select.batch_size, overwrite=True))
     return flat_metrics(json.loads((report_dir / "report.json").read_text()), "candidate")
 
 
