@@ -106,7 +106,11 @@ def test_q8_0_export_agrees_on_top1_and_reports_kl(bpe_model_dir, tmp_path, cach
     f16 = export_gguf(str(bpe_model_dir), tmp_path / "m16.gguf", "f16")
     q8 = export_gguf(str(bpe_model_dir), tmp_path / "m8.gguf", "q8_0")
     check = verify_round_trip(str(bpe_model_dir), q8.path)
-    assert check.top1_agreement >= 0.99 and check.top1_agreement_clear >= 0.99, check
+    # A random-init model's logits are close together, so Q8_0's rounding may swap near-ties (the count moves with
+    # the CPU's fp32 accumulation order: >= 0.99 on the AVX512 machine that wrote this, 0.9897 on an AVX2 one). What quantization must
+    # never do is change a decision the source makes clearly, and most positions must be clear for that to mean much.
+    assert check.top1_agreement_clear == 1.0 and check.clear_positions >= 0.8 * check.positions, check
+    assert check.top1_agreement >= 0.98, check
     assert 0 <= check.mean_kl < 1e-2, check
     assert q8.bytes < f16.bytes
 
@@ -297,7 +301,7 @@ def test_a_pipeline_export_stage_writes_the_file_and_the_report_names_it(bpe_mod
     run_pipeline(load_pipeline(recipe), rundir, progress=False)
     record = json.loads((rundir / "gguf" / "export.json").read_text())
     assert (rundir / "gguf" / "model.gguf").is_file() and record["type"] == "q8_0"
-    assert record["round_trip"]["top1_agreement"] >= 0.99 and record["round_trip"]["tokens_match"]
+    assert record["round_trip"]["top1_agreement_clear"] == 1.0 and record["round_trip"]["tokens_match"]
     assert "`gguf/model.gguf` (q8_0" in (rundir / "report.md").read_text()
     with pytest.raises(Exception, match="not an earlier stage"):
         bad = tmp_path / "bad.yaml"
