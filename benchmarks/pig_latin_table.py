@@ -119,15 +119,17 @@ def targets(scores: Scores, rows: dict[str, dict[str, float]]) -> list[str]:
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
+    # The issue asks DPO over SFT for a paired CI that excludes 0 in both splits, and SFT merely above base.
     lines = []
-    for better, worse, label in (("sft", "base", "SFT above base"), ("dpo", "sft", "DPO above SFT")):
+    for better, worse, label, needs_ci in (("sft", "base", "SFT above base", False),
+                                           ("dpo", "sft", "DPO above SFT", True)):
         parts, ok = [], True
         for split in ("seen", "unseen"):
             value, ci = scores.difference(worse, better, split)
             parts.append(f"{split} {value:+.3f} {_ci(ci)}")
-            ok = ok and ci[0] > 0
-        lines.append(f"- {label} on greedy word accuracy, both held-out splits, paired 95% CI above 0: "
-                     f"{'; '.join(parts)}: {mark(ok)}")
+            ok = ok and (ci[0] > 0 if needs_ci else value > 0)
+        rule = "paired 95% CI above 0" if needs_ci else "above in both (paired 95% CI shown)"
+        lines.append(f"- {label} on greedy word accuracy, both held-out splits, {rule}: {'; '.join(parts)}: {mark(ok)}")
     value, ci = scores.retention_difference("base", "merged")
     base_ci = scores.value_ci("base", "retention")
     within = value >= -2 or base_ci[0] <= rows["merged"]["retention"] <= base_ci[1]
