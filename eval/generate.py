@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -146,17 +147,33 @@ def score_spans(
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, : len(ids)] = 1
             scored[row, max(start, 1) - 1 : len(ids) - 1] = True
-        with lm.computing():
-            logits = lm.model(input_ids=input_ids.to(lm.device), attention_mask=attention.to(lm.device)).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            targets = input_ids[:, 1:].to(lm.device).unsqueeze(-1)
-            token_logprobs = logprobs.gather(-1, targets).squeeze(-1).cpu()
+        positions = scored.any(dim=0).nonzero().squeeze(-1)  # positions any row of the batch scores
+        if positions.numel():
+            with lm.computing():
+                logits = logits_at(lm.model, input_ids.to(lm.device), attention.to(lm.device), positions.to(lm.device))
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                targets = input_ids[:, positions + 1].to(lm.device).unsqueeze(-1)
+                token_logprobs = logprobs.gather(-1, targets).squeeze(-1).cpu()
         for row, i in enumerate(batch):
-            mask = scored[row]
-            results[i] = ScoredSpan(float(token_logprobs[row][mask].sum()), int(mask.sum()))
+            mask = scored[row, positions]
+            results[i] = ScoredSpan(float(token_logprobs[row][mask].sum()) if mask.any() else 0.0, int(mask.sum()))
         if progress:
             progress(len(batch))
     return results
+
+
+def logits_at(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+    """(batch, len(positions), vocab) logits at the given sequence positions only.
+
+    A choice or preference item scores a few tokens after a long context, and the head over a large vocabulary is
+    about a fifth of a small model's FLOPs (SmolLM2-135M: 28M of 135M parameters), so the head runs only where it is
+    read. Decoders whose forward takes `logits_to_keep` (transformers' own, also through PEFT) skip the rest; any
+    other model computes every position and is sliced."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, positions]
 
 
 def context_continuation_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], int]:

@@ -406,3 +406,24 @@ def test_a_missing_reference_is_rejected_before_any_output(tiny_model_dir, tmp_p
         run_eval(EvalRequest(suite="prefs", models=[("t", str(tiny_model_dir))], output=tmp_path / "o",
                              reference=str(tmp_path / "no-such-adapter")))
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_span_scores_from_the_scored_positions_only_equal_full_logits(tiny_model_dir):
+    """score_spans runs the LM head only where a batch scores (logits_to_keep); the sums must equal those from
+    every position's logits, including a batch whose rows score different, non-overlapping spans."""
+    from eval.generate import logits_at, score_spans
+
+    lm = load_for_eval("tiny", resolve_model(str(tiny_model_dir)), dtype="float32")
+    ids = lm.tokenizer("the quick brown fox jumps", add_special_tokens=False)["input_ids"]
+    sequences = [(ids, 3), (ids[:12], 9), (ids[:20], 1), (ids, len(ids))]  # the last scores nothing
+    spans = score_spans(lm, sequences, batch_size=4)
+    with torch.no_grad():
+        for (seq, start), span in zip(sequences, spans):
+            full = torch.log_softmax(lm.model(input_ids=torch.tensor([seq])).logits[0, :-1].float(), dim=-1)
+            expected = sum(full[t - 1, seq[t]].item() for t in range(max(start, 1), len(seq)))
+            assert span.tokens == len(seq) - max(start, 1)
+            assert span.logprob == pytest.approx(expected, abs=1e-4)
+        batch = torch.tensor([ids])
+        picked = torch.tensor([0, 5, 7])
+        assert torch.allclose(logits_at(lm.model, batch, torch.ones_like(batch), picked),
+                              lm.model(input_ids=batch).logits[:, picked], atol=1e-5)
