@@ -12,6 +12,7 @@ from conftest import reference_adapter_dropped, write_jsonl
 
 from align.core.config import DPORecipe, SFTRecipe
 from align.core.errors import AlignError
+from align.core.models import cpu_runs_bf16_fast
 from align.train.dpo import run_dpo
 from align.train.sft import run_sft
 
@@ -54,6 +55,9 @@ def alpaca_rows(path: Path, count: int = 32, seed: int = 1) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not cpu_runs_bf16_fast() and not torch.cuda.is_available(),
+                    reason="bf16 matmuls are emulated on this CPU (no AVX512-BF16/AMX): the 64 long pairs ran past 12 "
+                           "minutes on an AVX2 machine; the tiny-model bf16/fp16 checks above still run")
 def test_precompute_passes_the_step0_check_in_bf16_on_long_multi_turn_rows(tmp_path):
     """Issue 12's CPU reproduction: the embedded model, an SFT adapter trained on Alpaca-style rows, 64 HH-style
     multi-turn pairs, batch 4, max length 512, --dtype bfloat16. Precomputed and training-time log-probs of the same
