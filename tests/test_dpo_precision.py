@@ -57,7 +57,7 @@ def alpaca_rows(path: Path, count: int = 32, seed: int = 1) -> Path:
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_runs_bf16_fast() and not torch.cuda.is_available(),
                     reason="bf16 matmuls are emulated on this CPU (no AVX512-BF16/AMX): the 64 long pairs ran past 12 "
-                           "minutes on an AVX2 machine; the tiny-model bf16/fp16 checks above still run")
+                           "minutes on an AVX2 machine; the tiny-model bf16/fp16 checks in this file still run")
 def test_precompute_passes_the_step0_check_in_bf16_on_long_multi_turn_rows(tmp_path):
     """Issue 12's CPU reproduction: the embedded model, an SFT adapter trained on Alpaca-style rows, 64 HH-style
     multi-turn pairs, batch 4, max length 512, --dtype bfloat16. Precomputed and training-time log-probs of the same
