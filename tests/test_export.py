@@ -291,6 +291,39 @@ def test_embedded_model_round_trips_in_f16_and_q8_0(tmp_path):
     assert q8.bytes < 0.6 * f16.bytes
 
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_llama_cpp_reads_the_embedded_model_export_as_transformers_does(tmp_path):
+    """llama.cpp itself on the exported SmolLM2: its tokenizer gives transformers' ids for every round-trip prompt
+    (special tokens included), greedy decoding gives the same first tokens, and a chat reply stops at <|im_end|>, where
+    the SFT stage's template contract says a turn ends."""
+    import llama_cpp
+    import torch
+
+    from align.core.export import export_gguf, load_export_tokenizer, load_merged_model, round_trip_prompts
+    from align.core.models import resolve_model
+
+    path = export_gguf("smollm2-135m", tmp_path / "smol-f16.gguf", "f16").path
+    tokenizer = load_export_tokenizer(resolve_model("smollm2-135m"))
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
+    for prompt in round_trip_prompts(tokenizer):
+        expected = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == expected, prompt
+    assert greedy_tokens_agree("smollm2-135m", path, new_tokens=8)
+
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    model = load_merged_model(resolve_model("smollm2-135m"), tokenizer)
+    ids = tokenizer(chat, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    reply = out[0, ids.shape[1]:].tolist()
+    assert reply[-1] == tokenizer.eos_token_id, "transformers did not end the turn within 64 tokens"
+    completion = llm.create_completion(chat, max_tokens=64, temperature=0.0, top_k=1)["choices"][0]
+    assert completion["finish_reason"] == "stop"
+    assert completion["text"] == tokenizer.decode(reply[:-1])
+
 def test_a_pipeline_export_stage_writes_the_file_and_the_report_names_it(bpe_model_dir, tmp_path, cache_dir):
     from align.pipeline.run import load_pipeline, run_pipeline
 
