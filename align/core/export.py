@@ -64,6 +64,38 @@ ROUND_TRIP_TEXTS = (
     "heard in a thick leather book.",
     "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make glucose and "
     "oxygen. It takes place mainly in the leaves, inside small structures called chloroplasts.",
+    "The train left the station ten minutes late. Most passengers did not notice; they were reading, sleeping or "
+    "looking out at the fields, which were still white with frost. Only the conductor kept checking his watch, because "
+    "he knew that the connection at the next town would not wait for them.",
+    "To make a simple tomato sauce, warm two tablespoons of olive oil in a pan, add a chopped onion and cook it slowly "
+    "until it is soft. Add two cloves of garlic, a tin of tomatoes and a pinch of salt, then let it simmer for twenty "
+    "minutes, stirring from time to time.",
+    "Dear Sam,\nThank you for your letter. I am sorry it took me so long to answer, but the last few weeks have been "
+    "very busy at work. We are all well here. The children have started school again and the garden is full of "
+    "apples.\nBest wishes,\nAnna",
+    "The human heart has four chambers: two atria and two ventricles. Blood that has lost its oxygen returns to the "
+    "right atrium, passes to the right ventricle and is pumped to the lungs. From the lungs it comes back to the left "
+    "side of the heart, which pumps it to the rest of the body.",
+    "import json\n\n\ndef load_rows(path):\n    with open(path) as f:\n        return [json.loads(line) for line "
+    "in f if line.strip()]\n\n\nrows = load_rows(\"data.jsonl\")\nprint(len(rows), \"rows\")\n",
+    "In 1969 two astronauts walked on the Moon for the first time. They collected rocks, took photographs and left "
+    "instruments behind that measured moonquakes for years. The mission lasted eight days, and millions of people "
+    "watched the landing on television.",
+    "Q: If a shirt costs 20 dollars and is on sale for 25 percent off, what is the sale price?\nA: 25 percent of 20 "
+    "is 5, so the sale price is 20 - 5 = 15 dollars.",
+    "Rivers carry water from high ground to the sea. Along the way they cut valleys, carry sand and stones, and leave "
+    "rich soil on their banks when they flood. Many of the oldest cities in the world were built beside rivers for "
+    "that reason.",
+    "The meeting is moved to Thursday at three o'clock in room 204. Please bring the budget figures for the second "
+    "quarter and a short list of the problems your team has run into since March. If you cannot come, send your notes "
+    "to Maria before Wednesday evening.",
+    "A good password is long and hard to guess. Instead of a single word with a number at the end, use four or five "
+    "random words, and never use the same password for two accounts. A password manager can remember them for you.",
+    "Cats sleep for twelve to sixteen hours a day. They are most active at dawn and dusk, when their prey is most "
+    "active too. A house cat that seems lazy is simply keeping the hours of its wild ancestors.",
+    "The library opens at nine in the morning and closes at eight in the evening on weekdays. On Saturdays it closes "
+    "at five, and on Sundays and public holidays it is closed. Books can be returned at any time through the slot "
+    "beside the main door.",
 )
 # Positions where the source's two best logits are closer than this are near-ties: any rounding may swap them, so
 # agreement is also reported on the positions the source decides clearly.
@@ -73,6 +105,10 @@ ROUND_TRIP_CHATS = (
     [{"role": "user", "content": "What is the capital of Italy?"},
      {"role": "assistant", "content": "Rome."},
      {"role": "user", "content": "And of Spain?"}],
+    [{"role": "user", "content": "Write a short poem about the sea."}],
+    [{"role": "user", "content": "How many legs does a spider have?"},
+     {"role": "assistant", "content": "A spider has eight legs."},
+     {"role": "user", "content": "And an insect?"}],
 )
 
 
