@@ -272,6 +272,11 @@ class TrainRecipe(Section):
         """The `train` section with every default filled in: what TRL gets before the machine's choices."""
         return self.train_settings.model_validate(self.train).model_dump()
 
+    @property
+    def train_seed(self) -> int:
+        """train.seed, or its default: what samples, orders and holds out the data as well as seeding training."""
+        return int(self.train_arguments()["seed"])
+
 
 class SFTRecipe(TrainRecipe):
     train_settings: ClassVar[type[TrainSettings]] = SFTTrainSettings

@@ -165,7 +165,7 @@ def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
     spec = recipe.data
     mixture = None
     if spec.mixture:
-        mixture, loaded = preference_mixture(spec, int(recipe.train.get("seed", 0)))
+        mixture, loaded = preference_mixture(spec, recipe.train_seed)
     else:
         loaded = load_preference_data(spec.path, spec.format, spec.split, spec.limit, spec.skip_invalid, spec.pairs,
                                       spec.score_margin)
@@ -174,7 +174,7 @@ def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
         held = load_preference_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid, spec.pairs,
                                     spec.score_margin).pairs
     elif spec.eval_size > 0:
-        train, held = hold_out(train, spec.eval_size, int(recipe.train.get("seed", 0)))
+        train, held = hold_out(train, spec.eval_size, recipe.train_seed)
     if loaded.raw.skipped:
         import logging
 

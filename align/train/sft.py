@@ -34,7 +34,7 @@ class SFTData:
 def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
     """Read, validate, normalize and tokenize; hold out an eval split when asked."""
     spec = recipe.data
-    mixture = sft_mixture(spec, int(recipe.train.get("seed", 0))) if spec.mixture else None
+    mixture = sft_mixture(spec, recipe.train_seed) if spec.mixture else None
     rows, fmt, raw = mixture.as_loaded() if mixture else load_sft_data(spec.path, spec.format, spec.split, spec.limit,
                                                                        spec.skip_invalid)
     eval_rows: list[dict[str, Any]] = []
@@ -42,7 +42,7 @@ def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
         eval_rows, _, _ = load_sft_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid)
     elif spec.eval_size > 0:
         order = list(range(len(rows)))
-        random.Random(int(recipe.train.get("seed", 0))).shuffle(order)
+        random.Random(recipe.train_seed).shuffle(order)
         held = set(order[: max(1, int(len(rows) * spec.eval_size))])
         eval_rows = [r for i, r in enumerate(rows) if i in held]
         rows = [r for i, r in enumerate(rows) if i not in held]
