@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -243,21 +244,28 @@ def test_llama_cpp_greedy_generates_the_same_first_tokens_as_transformers(bpe_mo
     from align.core.export import export_gguf
 
     path = export_gguf(str(bpe_model_dir), tmp_path / "m.gguf", "f16").path
-    assert greedy_tokens_agree(bpe_model_dir, path, new_tokens=8)
+    assert greedy_tokens_agree(*transformers_and_llama_cpp(str(bpe_model_dir), path), new_tokens=8)
 
 
-def greedy_tokens_agree(source: Path | str, gguf_file: Path, new_tokens: int) -> bool:
-    """The same prompt ids into transformers and llama.cpp, greedy: the same first tokens (f16 file)."""
+def transformers_and_llama_cpp(source: str, gguf_file: Path) -> tuple[Any, Any, Any]:
+    """The source's tokenizer and model as `align export` loads them, and llama.cpp on the exported file."""
     import llama_cpp
-    import torch
 
-    from align.core.export import load_export_tokenizer, load_merged_model, round_trip_prompts
+    from align.core.export import load_export_tokenizer, load_merged_model
     from align.core.models import resolve_model
 
-    resolved = resolve_model(str(source))
+    resolved = resolve_model(source)
     tokenizer = load_export_tokenizer(resolved)
-    model = load_merged_model(resolved, tokenizer)
-    llm = llama_cpp.Llama(str(gguf_file), n_ctx=256, n_threads=2, verbose=False, logits_all=False)
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=512, n_threads=2, verbose=False, logits_all=False)
+    return tokenizer, load_merged_model(resolved, tokenizer), llm
+
+
+def greedy_tokens_agree(tokenizer: Any, model: Any, llm: Any, new_tokens: int) -> bool:
+    """The same prompt ids into transformers and llama.cpp, greedy: the same first tokens (f16 file)."""
+    import torch
+
+    from align.core.export import round_trip_prompts
+
     for prompt in round_trip_prompts(tokenizer):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         expected, context = [], list(ids)
@@ -293,30 +301,25 @@ def test_embedded_model_round_trips_in_f16_and_q8_0(tmp_path):
     assert q8.bytes < 0.6 * f16.bytes
 
 
-
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 def test_llama_cpp_reads_the_embedded_model_export_as_transformers_does(tmp_path):
     """llama.cpp itself on the exported SmolLM2: its tokenizer gives transformers' ids for every round-trip prompt
     (special tokens included), greedy decoding gives the same first tokens, and a chat reply stops at <|im_end|>, where
     the SFT stage's template contract says a turn ends."""
-    import llama_cpp
     import torch
 
-    from align.core.export import export_gguf, load_export_tokenizer, load_merged_model, round_trip_prompts
-    from align.core.models import resolve_model
+    from align.core.export import export_gguf, round_trip_prompts
 
     path = export_gguf("smollm2-135m", tmp_path / "smol-f16.gguf", "f16").path
-    tokenizer = load_export_tokenizer(resolve_model("smollm2-135m"))
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
+    tokenizer, model, llm = transformers_and_llama_cpp("smollm2-135m", path)
     for prompt in round_trip_prompts(tokenizer):
         expected = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == expected, prompt
-    assert greedy_tokens_agree("smollm2-135m", path, new_tokens=8)
+    assert greedy_tokens_agree(tokenizer, model, llm, new_tokens=8)
 
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                          tokenize=False, add_generation_prompt=True)
-    model = load_merged_model(resolve_model("smollm2-135m"), tokenizer)
     ids = tokenizer(chat, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id)
@@ -325,6 +328,7 @@ def test_llama_cpp_reads_the_embedded_model_export_as_transformers_does(tmp_path
     completion = llm.create_completion(chat, max_tokens=64, temperature=0.0, top_k=1)["choices"][0]
     assert completion["finish_reason"] == "stop"
     assert completion["text"] == tokenizer.decode(reply[:-1])
+
 
 def test_a_pipeline_export_stage_writes_the_file_and_the_report_names_it(bpe_model_dir, tmp_path, cache_dir):
     from align.pipeline.run import load_pipeline, run_pipeline
