@@ -32,13 +32,6 @@ MATRICES = ("model.layers.3.mlp.up_proj.weight", "model.layers.10.self_attn.q_pr
             "model.layers.20.mlp.down_proj.weight")
 
 
-def reference(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's quantize_row_q8_0_ref: scale amax / 127, round to nearest."""
-    scale = blocks.abs().amax(1) / 127
-    inverse = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
-    return torch.round(blocks * inverse[:, None]), scale
-
-
 def searched(blocks: torch.Tensor, candidates: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block, the candidate grid whose least-squares scale leaves the smallest squared error."""
     signed_max = blocks.gather(1, blocks.abs().argmax(1, keepdim=True))
@@ -58,11 +51,15 @@ def searched(blocks: torch.Tensor, candidates: list[float]) -> tuple[torch.Tenso
 
 def quantize(data: np.ndarray, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(-1, 32)
-    candidates = VARIANTS[variant]
-    return reference(blocks) if candidates is None else searched(blocks, candidates)
+    return searched(blocks, VARIANTS[variant])
 
 
 def dequantized(data: np.ndarray, variant: str) -> torch.Tensor:
+    import gguf
+
+    if VARIANTS[variant] is None:  # what `align export` writes: gguf's bit-exact port of ggml's reference rounding
+        q8_0 = gguf.GGMLQuantizationType.Q8_0
+        return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(data, q8_0), q8_0)).reshape(-1, 32)
     levels, scale = quantize(data, variant)
     return levels * scale.half().float()[:, None]  # the file stores the scale as f16
 
