@@ -61,24 +61,34 @@ def input_second_moments(model: torch.nn.Module, batches: list[torch.Tensor]) ->
     return moments
 
 
-def gptq_q8_0(weight: torch.Tensor, moments: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """GPTQ (Frantar et al. 2022, column by column) onto Q8_0's grid: each 32-column block's scale is its current
-    max |w| / 127 stored as f16, as ggml's reference rounding sets it, taken when the block is reached."""
+def gptq_q8_0(weight: torch.Tensor, moments: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2022, column by column) onto Q8_0's grid: (levels, f16 scale per 32-column block).
+
+    Each block's scale is set as ggml's reference rounding sets it (`quantize_row_q8_0_ref`: d = max |w| / 127 in
+    fp32, levels rounded half away from zero from w / d, d stored as f16), from the block's weights as they stand
+    when it is reached; so with uncorrelated inputs, where no error is carried, this is the reference rounding."""
     w = weight.double().clone()
-    columns = w.shape[1]
+    rows, columns = w.shape
     h = moments.clone()
     h += damp * h.diagonal().mean() * torch.eye(columns, dtype=torch.float64)
     inverse_factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    rounded = torch.zeros_like(w)
+    levels = torch.zeros_like(w)
+    scales = torch.zeros(rows, columns // Q8_0_BLOCK, dtype=torch.float16)
     for col in range(columns):
+        block = col // Q8_0_BLOCK
         if col % Q8_0_BLOCK == 0:
-            amax = w[:, col:col + Q8_0_BLOCK].abs().amax(1)
-            scale = (amax / 127).half().double()
-            inverse_scale = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
-        rounded[:, col] = torch.clamp(torch.round(w[:, col] * inverse_scale), -128, 127) * scale
-        error = (w[:, col] - rounded[:, col]) / inverse_factor[col, col]
+            d = w[:, col:col + Q8_0_BLOCK].abs().amax(1).float() / 127
+            inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+            scales[:, block] = d.half()
+        x = (w[:, col].float() * inverse).double()
+        levels[:, col] = torch.clamp(torch.sign(x) * torch.floor(x.abs() + 0.5), -128, 127)
+        error = (w[:, col] - levels[:, col] * scales[:, block].double()) / inverse_factor[col, col]
         w[:, col:] -= error[:, None] * inverse_factor[col, col:][None, :]
-    return rounded.float()
+    return levels, scales
+
+
+def dequantized(levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return levels.float() * scales.float().repeat_interleave(Q8_0_BLOCK, dim=1)
 
 
 def main() -> None:
@@ -132,7 +142,7 @@ def main() -> None:
             tensor.copy_(exact[name])
         moments = input_second_moments(model, batches)
         start = time.perf_counter()
-        gptq = {name: gptq_q8_0(exact[name], moments[name.removesuffix(".weight")])
+        gptq = {name: dequantized(*gptq_q8_0(exact[name], moments[name.removesuffix(".weight")]))
                 if name.removesuffix(".weight") in moments else q8_0[name] for name in exact}
         score(f"q8_0 gptq, calibrated on these prompts ({time.perf_counter() - start:.0f} s)", lambda n: gptq[n])
 
