@@ -6,9 +6,11 @@ positions in the mask tests can be counted by hand.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import string
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -123,3 +125,12 @@ def reference_adapter_dropped(monkeypatch) -> None:
         trainer.model.set_adapter("default")
 
     monkeypatch.setattr(align.train.dpo, "prepare_reference", drop_reference_adapter)
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """benchmarks/NAME.py imported as a module (the folder is scripts, not a package), for testing its functions."""
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module

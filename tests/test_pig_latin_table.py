@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "pig_latin_table.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("pig_latin_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return benchmark_script("pig_latin_table")
 
 
 def write_suite(rundir: Path, suite: str, scores: dict[str, dict[str, tuple[str, list[float]]]]) -> None:

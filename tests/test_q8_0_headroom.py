@@ -3,21 +3,14 @@ reference rounding only by carrying rounding errors between columns."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "q8_0_headroom.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def headroom():
-    spec = importlib.util.spec_from_file_location("q8_0_headroom", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return benchmark_script("q8_0_headroom")
 
 
 def weights(rows: int = 24, columns: int = 96) -> torch.Tensor:
