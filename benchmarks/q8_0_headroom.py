@@ -99,7 +99,6 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--skip-gptq", action="store_true")
     args = parser.parse_args()
-    torch.manual_seed(0)
     resolved = resolve_model(args.model)
     tokenizer = load_export_tokenizer(resolved)
     model = load_merged_model(resolved, tokenizer).eval()
@@ -115,7 +114,8 @@ def main() -> None:
     leads = leads[:, 0] - leads[:, 1]
     print(f"{args.model}: {len(batches)} prompts, {leads.numel()} positions; source's lead of best over runner-up "
           + ", ".join(f"< {m}: {int((leads < m).sum())}" for m in (0.01, 0.03, 0.1)))
-    matrices = {name: tensor for name, tensor in model.state_dict().items() if tensor.ndim == 2}
+    # named_parameters lists a tied embedding / output matrix once (state_dict names it twice)
+    matrices = {name: p.data for name, p in model.named_parameters() if p.ndim == 2}
     exact = {name: tensor.clone() for name, tensor in matrices.items()}
     q8_0 = {name: reference_q8_0(tensor) for name, tensor in exact.items()}
 
