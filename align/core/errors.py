@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 
 class AlignError(Exception):
     """A problem with the user's input or environment, reported as a single line.
@@ -27,3 +30,25 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# How errors raised in Rust (safetensors, tokenizers) carry an OS error: only in their message.
+OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind an exception: the exception itself, one it was raised from (or while handling, as a
+    traceback shows it), or one a library reports only in its message as `(os error N)`. None when there is none:
+    then the exception is not the environment's."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        found = OS_ERROR_IN_MESSAGE.search(str(current))
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return None
