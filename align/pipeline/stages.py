@@ -43,7 +43,7 @@ class TrainStage(StageSpec):
         return self.model_dump(exclude={"name", "kind", "model", *PIPELINE_OWNED})
 
 
-PIPELINE_OWNED = ("output", "resume", "overwrite")
+PIPELINE_OWNED = ("output", "resume", "overwrite", "force")
 
 
 class SFTStage(TrainStage, SFTRecipe):
@@ -100,6 +100,8 @@ class MergeStage(StageSpec):
     weights: list[float] | list[list[float]] | None = None
     density: float | None = None
     as_adapter: bool = False
+    allow_base_mismatch: bool = False
+    """Merge adapters against a base they were not trained on (refused otherwise)."""
     select: SelectSpec | None = None
     """Required when t or weights list several candidates."""
 
