@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ class Rows:
     locations: list[str]
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    """Where each item the loader returned came from, in order: the locations of the rows that normalized (one
+    per preference pair), for messages about rows the trainer later drops."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -337,9 +341,11 @@ def normalize_rows(
             f"(expected one of {', '.join(formats)}; force one with --format)"
         )
     out = []
+    rows.kept = []
     for row, where in zip(rows.rows, rows.locations):
         try:
             out.append(normalize(row, chosen, where))
+            rows.kept.append(where)
         except DataError as exc:
             if not skip_invalid:
                 raise
@@ -361,6 +367,15 @@ def load_sft_data(
     rows = read_rows(source, split, limit)
     normalized, chosen = normalize_rows(rows, fmt, normalize_sft_row, detect_sft_format, SFT_FORMATS, skip_invalid)
     return normalized, chosen, rows
+
+
+def hold_out(items: list[Any], share: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(kept, held out): a seeded random `share` of the items, at least one. Which positions are held out depends
+    only on the count, so rows and their locations split alike."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, int(len(items) * share))])
+    return [r for i, r in enumerate(items) if i not in held], [r for i, r in enumerate(items) if i in held]
 
 
 def fingerprint_rows(rows: Iterable[dict[str, Any]]) -> str:

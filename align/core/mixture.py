@@ -32,30 +32,36 @@ class Mixture:
     def format(self) -> str:
         return "+".join(dict.fromkeys(s["format"] for s in self.sources))
 
+    locations: list[str] = field(default_factory=list)
+    """Where each row came from (its source's file and line)."""
+
     def as_loaded(self) -> tuple[list[dict[str, Any]], str, Rows]:
         """The same triple a single source's loader returns, for code that handles both alike."""
-        locations = [f"data.mixture: row {i + 1}" for i in range(len(self.rows))]
-        return self.rows, self.format, Rows("data.mixture", self.rows, locations, self.skipped, self.problems)
+        return self.rows, self.format, Rows("data.mixture", self.rows, self.locations, self.skipped, self.problems,
+                                            kept=self.locations)
 
 
 def mix_sources(sources: list[MixtureSource], load: SourceLoader, seed: int, limit: int | None = None) -> Mixture:
     """Read every source with `load`, take what each asks for, and concatenate (the first `limit` rows)."""
     mixed: list[dict[str, Any]] = []
+    locations: list[str] = []
     record: list[dict[str, Any]] = []
     skipped, problems = 0, []
     for index, source in enumerate(sources):
         rows, fmt, raw = load(source)
-        taken = take_rows(rows, source, seed, f"data.mixture[{index}] ({source.path})")
+        picked = take_rows(list(range(len(rows))), source, seed, f"data.mixture[{index}] ({source.path})")
+        taken = [rows[i] for i in picked]
         mixed += taken
+        locations += [raw.kept[i] for i in picked]
         skipped += raw.skipped
         problems += raw.problems
         record.append({"path": source.path, "split": source.split, "format": fmt, "available": len(rows),
                        "taken": len(taken), "rows": source.rows, "weight": source.weight,
                        "fingerprint": fingerprint_rows(taken)})
-    return Mixture(mixed[:limit], record, skipped, problems)
+    return Mixture(mixed[:limit], record, skipped, problems, locations[:limit])
 
 
-def take_rows(rows: list[dict[str, Any]], source: MixtureSource, seed: int, where: str) -> list[dict[str, Any]]:
+def take_rows(rows: list[Any], source: MixtureSource, seed: int, where: str) -> list[Any]:
     """All rows, `source.rows` of them, or a `source.weight` share (whole repeats plus a sample for the fraction).
 
     The generator is seeded with the seed and the source's path, so the draw depends on nothing else."""
@@ -74,5 +80,5 @@ def take_rows(rows: list[dict[str, Any]], source: MixtureSource, seed: int, wher
     return taken
 
 
-def sample_in_order(rows: list[dict[str, Any]], count: int, rng: random.Random) -> list[dict[str, Any]]:
+def sample_in_order(rows: list[Any], count: int, rng: random.Random) -> list[Any]:
     return [rows[i] for i in sorted(rng.sample(range(len(rows)), count))]

@@ -196,6 +196,7 @@ def load_preference_data(
     normalized, chosen = normalize_rows(rows, fmt, normalize, detect_preference_format, PREFERENCE_FORMATS,
                                         skip_invalid)
     pairs = [pair for row in normalized for pair in row["pairs"]]
+    rows.kept = [where for row, where in zip(normalized, rows.kept) for _ in row["pairs"]]
     if not pairs:
         raise DataError(f"{source}: no preference pair (every row's completions tie within the score margin {margin})")
     return PreferenceData(pairs, chosen, rows, sum(1 for row in normalized if not row["pairs"]))
