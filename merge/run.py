@@ -16,7 +16,7 @@ import yaml
 
 from align.core.artifacts import Timer, check_output_dir, output_dir, provenance
 from align.core.config import load_yaml, one_line_error
-from align.core.errors import AlignError, did_you_mean
+from align.core.errors import AlignError, did_you_mean, raise_write_error
 from align.core.models import EMBEDDED_ALIAS, dir_fingerprint, resolve_model
 from align.core.template import write_template
 from merge import adapters as lora
@@ -253,6 +253,9 @@ def run_mergekit(config: dict[str, Any], out: Path, seed: int | None = None, sha
     assert isinstance(merge_config, MergeConfiguration)
     try:
         run_merge(merge_config, str(out), options)
+    except Exception as exc:
+        raise_write_error(exc, out)  # mergekit writes through safetensors: a full disk is its `os error 28`
+        raise
     finally:
         _forget_mergekit_loaders()
         shutil.rmtree(out / ".lora-cache", ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -52,3 +53,13 @@ def os_error_in(exc: BaseException) -> OSError | None:
             return OSError(code, os.strerror(code))
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return None
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def raise_write_error(exc: BaseException, path: object) -> None:
+    """One line naming `path` when `exc` is (or wraps) a failed write: a full disk, a quota, a denied write."""
+    cause = os_error_in(exc)
+    if cause is not None and cause.errno in WRITE_ERRNOS:
+        raise AlignError(f"cannot write to {path}: {cause.strerror}") from None

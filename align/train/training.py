@@ -7,7 +7,6 @@ We wrap TRL's trainers and configure them; we do not subclass them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import torch
 
 from align.core.artifacts import OutputDir, plot_series, provenance
 from align.core.config import LoraSpec, ModelSpec, TrainRecipe, recipe_dict
-from align.core.errors import AlignError
+from align.core.errors import AlignError, os_error_in, raise_write_error
 from align.core.models import Precision, ResolvedModel, model_summary, pick_precision
 from align.train.divergence import FiniteGuard
 
@@ -630,20 +629,17 @@ def evaluate_at_saves(args: dict[str, Any], has_eval: bool, train: dict[str, Any
         args.update(eval_strategy="steps", eval_steps=args.get("save_steps", 100))
 
 
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
-
-
 def train(trainer: Any, checkpoint: str | None, workdir: Path) -> Any:
-    """`trainer.train`, with a full disk or a denied write (the Trainer saves checkpoints as it goes) turned into
-    one line; the previous output, if any, is untouched because it is only replaced at commit."""
+    """`trainer.train`, with a full disk or a denied write (the Trainer saves checkpoints as it goes, safetensors
+    reports it as `os error 28`) turned into one line naming the dir; the previous output, if any, is untouched
+    because it is only replaced at commit."""
     try:
         return trainer.train(resume_from_checkpoint=checkpoint)
-    except OSError as exc:
-        if exc.errno in WRITE_ERRNOS:
-            raise AlignError(f"cannot write to {workdir}: {exc.strerror}") from None
-        raise
     except torch.OutOfMemoryError:
         raise AlignError(out_of_memory_message(trainer)) from None
+    except Exception as exc:
+        raise_write_error(exc, workdir)
+        raise
 
 
 def out_of_memory_message(trainer: Any) -> str:
@@ -683,8 +679,11 @@ def save_adapter(model: Any, tokenizer: Any, path: Path) -> None:
     try:
         unwrapped.save_pretrained(str(path), selected_adapters=["default"], safe_serialization=True)
         tokenizer.save_pretrained(str(path))
-    except OSError as exc:
-        raise AlignError(f"cannot save the adapter to {path}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        cause = os_error_in(exc)
+        if cause is None:
+            raise
+        raise AlignError(f"cannot save the adapter to {path}: {cause.strerror or cause}") from None
 
 
 def write_model_card(path: Path, stage: str, recipe: TrainRecipe, resolved: ResolvedModel, metrics: dict[str, Any]) -> None:
