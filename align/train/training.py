@@ -424,8 +424,13 @@ def progress_callback(total_steps: int, enabled: bool = True) -> Any:
                 self.bar.set_postfix(shown, refresh=False)
 
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.close_bar()
+
+        def close_bar(self) -> None:
+            """Also called by `train` when training raises, so the error starts on a line of its own."""
             if self.bar is not None:
                 self.bar.close()
+                self.bar = None
 
     return ProgressBar()
 
@@ -640,6 +645,10 @@ def train(trainer: Any, checkpoint: str | None, workdir: Path) -> Any:
     except Exception as exc:
         raise_write_error(exc, workdir)
         raise
+    finally:
+        for callback in trainer.callback_handler.callbacks:
+            if hasattr(callback, "close_bar"):  # the progress bar
+                callback.close_bar()
 
 
 def out_of_memory_message(trainer: Any) -> str:
