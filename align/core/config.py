@@ -304,13 +304,21 @@ class PreferenceDataSpec(DataSpec):
     """Scored completions: least score difference for a pair."""
 
 
-class DPORecipe(TrainRecipe):
+class PreferenceRecipe(TrainRecipe):
+    """What the preference methods (`align dpo`, `orpo`, `simpo`) share: pairs, and a policy that starts from the
+    SFT adapter or as a fresh LoRA on the base."""
+
+    data: PreferenceDataSpec = PreferenceDataSpec()
+    lora: DPOLoraSpec = DPOLoraSpec()
+    adapter: Annotated[str | None, Flag("--adapter", "-a", unset="none (fresh LoRA)")] = None
+    """SFT adapter dir: the policy starts as a copy of it."""
+
+
+class DPORecipe(PreferenceRecipe):
     """`align dpo`. beta, loss_type, label_smoothing and every other DPOConfig field go through `train`."""
 
     train_settings: ClassVar[type[TrainSettings]] = DPOTrainSettings
 
-    data: PreferenceDataSpec = PreferenceDataSpec()
-    lora: DPOLoraSpec = DPOLoraSpec()
     adapter: Annotated[str | None, Flag("--adapter", "-a", unset="none (fresh LoRA)")] = None
     """SFT adapter dir: the policy starts as a copy of it, and (with ref adapter) it is the reference."""
     ref: Annotated[str | None, Flag("--ref", unset="auto",
@@ -328,6 +336,38 @@ class DPORecipe(TrainRecipe):
         if value is not None:
             parse_reference(value)
         return value
+
+
+class ORPOTrainSettings(TrainSettings):
+    learning_rate: LearningRate = 5e-5
+    """Peak learning rate (LoRA; the ORPO paper's full fine-tuning used 5e-6 to 8e-6)."""
+    beta: Annotated[float, Field(gt=0), Flag("--beta")] = 0.1
+    """ORPO's lambda: the weight of the odds-ratio term beside the SFT loss on the chosen answer."""
+
+
+class ORPORecipe(PreferenceRecipe):
+    """`align orpo`: SFT on the chosen answer plus an odds-ratio penalty on the rejected one, in one stage and with no
+    reference model (TRL's experimental ORPOTrainer). `train` takes ORPOConfig fields."""
+
+    train_settings: ClassVar[type[TrainSettings]] = ORPOTrainSettings
+
+
+class SimPOTrainSettings(TrainSettings):
+    learning_rate: LearningRate = 5e-5
+    """Peak learning rate (LoRA; the SimPO paper's full fine-tuning used 3e-7 to 1e-6)."""
+    beta: Annotated[float, Field(gt=0), Flag("--beta")] = 2.0
+    """Scale of the length-normalized reward (the paper: 2.0 to 2.5)."""
+    simpo_gamma: Annotated[float, Field(ge=0), Flag("--gamma")] = 1.0
+    """Target reward margin gamma (the paper: 0.5 to 1.6; gamma/beta about 0.5)."""
+    cpo_alpha: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of CPO's SFT term on the chosen answer: 0 is SimPO as published."""
+
+
+class SimPORecipe(PreferenceRecipe):
+    """`align simpo`: the length-normalized log-likelihood margin with a target gap, no reference model (TRL's
+    experimental CPOTrainer with loss_type simpo). `train` takes CPOConfig fields."""
+
+    train_settings: ClassVar[type[TrainSettings]] = SimPOTrainSettings
 
 
 # ---- loading and overriding --------------------------------------------------------------------------------------

@@ -31,13 +31,13 @@ import torch
 from transformers import set_seed
 
 from align.core.artifacts import Timer, partial_dir
-from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec
+from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec, PreferenceRecipe
 from align.core.data import fingerprint_rows, hold_out
 from align.core.errors import AlignError
 from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
 from align.core.preferences import PreferenceData, load_preference_data
-from align.core.reference import ReferenceMode
+from align.core.reference import ReferenceMode, parse_reference
 from align.train.training import (
     attach_lora, check_run_inputs, finished_run, estimated_steps, final_metrics, finish_training, log_series, lora_config,
     evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer, run_config, run_record, train,
@@ -77,9 +77,9 @@ class ReferencePlan:
                 "requested": self.requested, "reason": self.reason}
 
 
-def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
-    """The policy's model (base, plus the SFT adapter when given) and the reference; refuses combinations whose
-    reference would not equal the starting policy."""
+def resolve_policy(recipe: PreferenceRecipe) -> ResolvedModel:
+    """The policy's starting point: the base, plus the SFT adapter when given (`--adapter`, or an adapter dir as
+    `--model`); refuses an adapter trained on another base than `--model`."""
     if recipe.adapter:
         policy = resolve_model(recipe.adapter)
         if policy.adapter is None:
@@ -93,7 +93,14 @@ def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
                                  f"{recipe.model.name}")
     else:
         policy = resolve_model(recipe.model.name)  # an adapter dir as --model counts as the SFT adapter
-    requested = (recipe.ref or "auto").partition(":")[0]
+    return policy
+
+
+def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
+    """The policy's model (base, plus the SFT adapter when given) and the reference; refuses combinations whose
+    reference would not equal the starting policy."""
+    policy = resolve_policy(recipe)
+    requested, model = parse_reference(recipe.ref or "auto")
     # auto starts from the reference that always works and becomes precompute in `choose_reference` once the data is
     # known; the checks below hold for both (precompute scores with the same reference).
     mode = ("adapter" if policy.adapter else "base") if requested == "auto" else requested
@@ -106,7 +113,6 @@ def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
     if policy.adapter is None and mode in ("base", "precompute") and recipe.lora.init in ("pissa", "loftq"):
         raise AlignError(f"lora.init={recipe.lora.init} rewrites the base weights, so the base with adapters disabled "
                          "is not the starting policy; use lora.init default or gaussian")
-    model = recipe.ref.removeprefix("model:") if mode == "model" and recipe.ref else None
     return policy, ReferencePlan(mode, policy.adapter, model, requested)
 
 
