@@ -1,6 +1,7 @@
 """`align orpo`: ORPO (Hong et al. 2024) over TRL's experimental ORPOTrainer. The loss is the SFT loss on the chosen
-answer minus beta times the log-sigmoid of the log odds ratio of chosen over rejected (per-token averaged
-log-probs), so one stage does what SFT then DPO do, with one copy of the weights and no reference forward.
+conversation minus beta times the log-sigmoid of the log odds ratio of chosen over rejected (per-token averaged
+log-probs of the answers), so one stage does what SFT then DPO do, with one copy of the weights and no reference
+forward. TRL 1.16 takes the SFT term over the whole chosen sequence, prompt included (the paper: the answer).
 
 `trl.experimental` may change without notice: tests/test_reference_free.py computes the loss by hand on a tiny batch
 and compares it with the trainer's, so an upstream change cannot alter what `align orpo` trains silently.

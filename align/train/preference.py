@@ -47,7 +47,8 @@ class ReferenceFreeTrainer:
             if key in args and args[key] != value:
                 raise AlignError(f"train.{key}={args[key]!r}: {self.method} is {key}={value!r} (use align dpo for "
                                  "other losses)")
-        return {**args, **dict(self.fixed)}
+        # these trainers' batches hold chosen_/rejected_input_ids, which the Trainer's token count cannot read
+        return {**args, **dict(self.fixed), "include_num_input_tokens_seen": False}
 
 
 def run_reference_free(recipe: PreferenceRecipe, how: ReferenceFreeTrainer, progress: bool = True) -> Path:
