@@ -38,6 +38,9 @@ class Flag:
     """The value is comma-separated into a list, except the values in `keep`."""
     keep: tuple[str, ...] = ()
     metavar: str | None = None
+    trl_choices: str | None = None
+    """`module:Class` of the TRL config whose field lists the accepted values: `--help` shows the installed
+    version's list (`trl_fields.field_choices`), and `check_trl_values` holds values to it."""
 
     def __init__(self, *names: str, **options: Any) -> None:
         object.__setattr__(self, "names", names)
@@ -234,8 +237,11 @@ class DPOTrainSettings(TrainSettings):
     overshoot."""
     beta: Annotated[float, Field(gt=0), Flag("--beta")] = 0.1
     """DPO beta: lower lets the policy drift further from the reference."""
-    loss_type: Annotated[str | list[str], Flag("--loss-type", comma_list=True)] = ["sigmoid"]
-    """TRL loss type(s), comma-separated: sigmoid, ipo, hinge, robust, ..."""
+    loss_type: Annotated[str | list[str], Flag("--loss", "--loss-type", comma_list=True,
+                                               trl_choices="trl:DPOConfig")] = ["sigmoid"]
+    """DPO's loss, or several comma-separated (combined with train.loss_weights): any loss type the installed
+    DPOConfig accepts. The step-0 check knows each one's value with the policy equal to its reference, except
+    `sft` (a plain NLL) and WPO weighting, where only the rewards are checked."""
     label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5), Flag("--label-smoothing")] = 0.0
     """Label smoothing (robust DPO: flip probability); at 0.5 chosen and rejected carry no signal."""
 

@@ -74,7 +74,7 @@ METHODS: dict[str, TrainingMethod] = {m.name: m for m in (
         reference=True, sequences_per_row=2, disables_dropout=True,
         summary="Preference alignment (DPO) of a LoRA adapter, with the SFT adapter as its own reference. RECIPE is "
                 "an optional YAML with model/data/lora/train sections plus adapter, ref, max_prompt_length and "
-                "max_completion_length; `train` takes any DPOConfig field (`--loss-type` lists the losses)."),
+                "max_completion_length; `train` takes any DPOConfig field (`--loss` lists the installed losses)."),
     TrainingMethod(
         name="orpo", recipe=ORPORecipe, trl_config="trl.experimental.orpo:ORPOConfig",
         runner="align.train.orpo:run_orpo", data="pairs", reference=False, sequences_per_row=2,
