@@ -153,7 +153,7 @@ def _task_vector_command(method: str, doc: str, sparse: bool) -> None:
         command = click.option("--density", default=None,
                                help=f"{PARAMETERS['density'].help} (default {DEFAULT_DENSITY:g})")(command)
         command = seed_option(command)
-    if method == "dare":
+    if METHODS[method].consensus_option:
         command = click.option("--consensus", is_flag=True, help="Elect signs as TIES does (mergekit's dare_ties).")(command)
     main.command(name=method)(command)
 

@@ -7,6 +7,8 @@ Adapter space merges each module's LoRA delta with the same math (merge.adapters
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,12 @@ class MergeMethod:
     """Whether adapters can be merged as adapters (`--as-adapter`) with this method."""
     no_adapter_space: str = ""
     """Why not, where it cannot."""
+    adapter_space_by_default: bool = False
+    """Adapters of one base merge in adapter space unless `--materialize` (where that is exact)."""
+    from_slices: bool = False
+    """The inputs are layer slices (`--slice MODEL:START-END`), not whole models; one model may give several."""
+    consensus_option: bool = False
+    """The shortcut takes `--consensus` (TIES sign election on top of the method)."""
 
     def mergekit_method(self, params: MergeParams) -> str:
         """The name mergekit knows the method by."""
@@ -122,6 +130,7 @@ class WeightedMethod(MergeMethod):
 class Linear(WeightedMethod):
     name = "linear"
     default_normalize = False
+    adapter_space_by_default = True  # a weighted sum of LoRA deltas is exact as an adapter (concatenated factors)
 
     def default_weight(self, count: int) -> float:
         return 1.0 / count
@@ -163,6 +172,7 @@ class Stack(MergeMethod):
     min_models = 0
     adapter_space = False
     no_adapter_space = "layer stacking builds a new model"
+    from_slices = True
 
     def mergekit_method(self, params: MergeParams) -> str:
         return "passthrough"
@@ -194,13 +204,35 @@ class Ties(WeightedMethod):
         weights, dens = self.weights(params, count), densities(params, count)
         normalize = params.normalize if params.normalize is not None else self.adapter_normalize
         consensus, rescale = self.consensus(params), self.adapter_selection == "random"
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        return lambda name, deltas: lora.sparse_consensus_deltas(
-            deltas, weights, dens, self.adapter_selection, consensus=consensus, normalize=normalize, rescale=rescale)
+        stream = SeededStream(params.seed) if params.seed is not None else None
+
+        def merge_module(name: str, deltas: list[torch.Tensor]) -> torch.Tensor:
+            with stream.active() if stream else contextlib.nullcontext():
+                return lora.sparse_consensus_deltas(deltas, weights, dens, self.adapter_selection,
+                                                    consensus=consensus, normalize=normalize, rescale=rescale)
+
+        return merge_module
 
     def consensus(self, params: MergeParams) -> bool:
         return True
+
+
+class SeededStream:
+    """A seeded random stream for code that draws from torch's global RNG (mergekit's `sparsify`), without touching
+    the caller's: each use runs on the stream's own state inside `fork_rng` and keeps where it got to, so successive
+    modules continue one seeded sequence, as a single `--seed` promises, and the global state is as it was."""
+
+    def __init__(self, seed: int) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.state = torch.get_rng_state()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.state)
+            yield
+            self.state = torch.get_rng_state()
 
 
 class Dare(Ties):
@@ -209,6 +241,7 @@ class Dare(Ties):
     name = "dare"
     adapter_normalize = False
     adapter_selection = "random"
+    consensus_option = True
 
     def mergekit_method(self, params: MergeParams) -> str:
         return "dare_ties" if params.consensus else "dare_linear"
@@ -274,6 +307,14 @@ PARAMETERS: dict[str, Parameter] = {
     "r": Parameter("Extra strength for entries only one model changed, scaled by the overlap ratio.", 0),
     "alpha": Parameter("Cap on the overlap ratio that scales --r.", 0),
 }
+
+
+
+def parameter(name: str) -> Parameter:
+    """What PARAMETERS knows of a mergekit parameter; one it does not know (a newer mergekit's) is offered with
+    mergekit's name, type and default and no range, instead of failing every `merge` command at import."""
+    return PARAMETERS.get(name) or Parameter(f"mergekit's `{name}` (see its documentation for this method).")
+
 
 REQUIRED = object()
 """The default of a parameter mergekit requires and the shortcut sets no default for: the user must give it."""
@@ -380,7 +421,7 @@ class MergekitMethod(MergeMethod):
 
         options = []
         for spec in self.spec().parameters:
-            known = PARAMETERS[spec.name]
+            known = parameter(spec.name)
             default = self.defaults.get(spec.name, REQUIRED if spec.required else spec.default)
             kind = spec.value_type if spec.value_type in (bool, int) else float
             options.append(Option(spec.name, known.flag_for(spec.name), self.helps.get(spec.name, known.help), kind,
@@ -409,7 +450,7 @@ class MergekitMethod(MergeMethod):
                     raise AlignError(f"{option.flag}: {len(value)} values given for {count} models (give {give})")
             for number in value if isinstance(value, list) else [value]:
                 if option.kind is not bool:
-                    PARAMETERS[option.name].check(option.flag, number)
+                    parameter(option.name).check(option.flag, number)
 
     def resolve(self, params: MergeParams, count: int) -> tuple[dict[str, list[Any]], dict[str, Any]]:
         """Every parameter's value, the user's or the default: (per model, one value per model; shared)."""

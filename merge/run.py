@@ -62,12 +62,12 @@ def run_merge_request(request: MergeRequest) -> Path:
     timer = Timer()
     with timer.phase("checks"):
         slices = [checks.parse_slice(s) for s in request.slices]
-        specs = [s.spec for s in slices] if request.method == "stack" else request.models
-        specs = list(dict.fromkeys(specs)) if request.method == "stack" else specs
+        from_slices = METHODS[request.method].from_slices
+        specs = list(dict.fromkeys(s.spec for s in slices)) if from_slices else request.models
         items = checks.resolve_inputs(specs)
         base = checks.resolve_inputs([request.base])[0] if request.base else None
         check_params(request, len(items))
-        if request.method != "stack":
+        if not from_slices:  # a stack may take several slices of one model
             check_distinct(([base] if base else []) + items)
     if use_adapter_space(request, items):
         return _merge_in_adapter_space(request, items, base, timer)
@@ -76,9 +76,9 @@ def run_merge_request(request: MergeRequest) -> Path:
 
 def check_params(request: MergeRequest, count: int) -> None:
     params, method = request.params, request.method
-    if method == "stack":
+    if METHODS[method].from_slices:
         if not request.slices:
-            raise AlignError("stack needs at least one --slice MODEL:START-END")
+            raise AlignError(f"{method} needs at least one --slice MODEL:START-END")
         return
     METHODS[method].check_count(count)
     METHODS[method].check_params(params, count)
@@ -101,7 +101,7 @@ def use_adapter_space(request: MergeRequest, items: list[MergeInput]) -> bool:
         if not METHODS[request.method].adapter_space:
             raise AlignError(f"{request.method} has no adapter-space form ({METHODS[request.method].no_adapter_space})")
         return True
-    if request.mode == "materialize" or request.method != "linear":
+    if request.mode == "materialize" or not METHODS[request.method].adapter_space_by_default:
         return False
     return all(i.is_adapter for i in items) and len({i.resolved.base for i in items}) == 1
 
@@ -167,9 +167,9 @@ def _implied_base(request: MergeRequest, items: list[MergeInput]) -> MergeInput:
 def _check_models(request: MergeRequest, everyone: list[MergeInput], items: list[MergeInput],
                   slices: list[checks.LayerSlice]) -> None:
     checks.check_architectures(everyone)
-    stack = request.method == "stack"
     checks.check_vocabularies(everyone, request.tokenizer_source)
-    checks.check_shapes(everyone, skip_vocab_axis=request.tokenizer_source is not None, by_layer_kind=stack)
+    checks.check_shapes(everyone, skip_vocab_axis=request.tokenizer_source is not None,
+                        by_layer_kind=METHODS[request.method].from_slices)
     by_spec = {item.spec: item for item in items}
     for layer_slice in slices:
         checks.check_slice(layer_slice, by_spec[layer_slice.spec])
@@ -201,7 +201,7 @@ def _mergekit_reference(item: MergeInput) -> str:
 def _config(request: MergeRequest, items: list[MergeInput], base: MergeInput | None, slices: list[checks.LayerSlice],
             paths: dict[str, str], tokenizer_source: str | None) -> dict[str, Any]:
     params = request.params
-    if request.method == "stack":
+    if METHODS[request.method].from_slices:
         params = MergeParams(**{**params.__dict__, "slices": [(paths[s.spec], s.start, s.end) for s in slices]})
     config = build_config(request.method, [paths[i.spec] for i in items], paths[base.spec] if base else None, params)
     if request.dtype:

@@ -395,7 +395,8 @@ def test_embedded_model_on_pig_latin_and_prefs(tmp_path):
     report = json.loads((out / "report.json").read_text())
     for task in ("seen", "unseen"):
         metrics = report["results"]["smol"][task]["metrics"]
-        assert 0 <= metrics["exact_match"]["value"] <= 1 and 0 <= metrics["chrf"]["value"] <= 100
+        assert (metrics["exact_match"]["value"] * 2).is_integer() and metrics["chrf"]["value"] <= 100
+        assert {"exact_match", "word_accuracy", "chrf"} <= set(metrics)
     out = run_eval(EvalRequest(suite="prefs", models=[("smol", "smollm2-135m")], output=tmp_path / "pr", limit=2))
     prefs = json.loads((out / "report.json").read_text())["results"]["smol"]["prefs-seen"]
     assert prefs["status"] == "ok" and prefs["examples"] == 2

@@ -58,8 +58,12 @@ def test_a_shortcut_s_options_are_its_mergekit_parameters_with_mergekit_s_defaul
         spec = registry.get(method.mergekit_method(MergeParams())).spec
         assert [o.name for o in method.options()] == [p.name for p in spec.parameters], method.name
         for option, parameter in zip(method.options(), spec.parameters):
-            own = method.defaults.get(option.name, REQUIRED if parameter.required else parameter.default)
-            assert option.default == own, (method.name, option.name)
+            if option.name not in method.defaults:  # mergekit's own default, or required where it has none
+                assert option.default == (REQUIRED if parameter.required else parameter.default), (method.name, option.name)
+    # where a shortcut departs from mergekit's default (a weight of 1 per model, density 0.5 for the pruning methods)
+    overridden = {name: m.defaults for name, m in METHODS.items() if isinstance(m, MergekitMethod) and m.defaults}
+    assert all(set(d) <= {"weight", "density"} for d in overridden.values()), overridden
+    assert {d.get("density") for d in overridden.values()} <= {None, 0.5}
     # the same parameter name, each method's own default: DELLA normalizes, linear DELLA does not
     della = METHODS["della"].mergekit_config(PAIR, "/models/base", MergeParams())
     assert [m["parameters"] for m in della["models"]] == [{"weight": 1.0, "density": 0.5, "epsilon": 0.15}] * 2

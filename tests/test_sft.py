@@ -66,8 +66,10 @@ def test_sft_writes_a_loadable_adapter_and_its_record(tiny_model_dir, tmp_path):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in tensors.items())  # the adapter learnt something
     ids = torch.tensor([[5, 6, 7, 8]])
     assert not torch.allclose(tuned(ids).logits, base(ids).logits)
-    # base weights are untouched: the adapter file holds only LoRA tensors
+    # base weights are untouched: the adapter file holds only LoRA tensors, and unloading it gives the base back
     assert all("lora_" in k for k in tensors)
+    untouched = tuned.unload().state_dict()
+    assert all(torch.equal(untouched[name], weight) for name, weight in base.state_dict().items())
 
 
 def run_cli(args: list[str]):
@@ -128,7 +130,7 @@ def test_help_shows_every_option_with_a_default():
                  "--lora-r", "--lora-alpha", "--quantize", "--packing", "--resume", "--overwrite", "--debug"):
         assert flag in result.output, flag
     options = [line for line in result.output.splitlines() if line.strip().startswith("-")]
-    assert options
+    assert len(options) >= 30 and result.output.count("[default:") >= 25
     assert run_cli(["--version"]).output.startswith("align, version")
 
 
