@@ -38,8 +38,6 @@ def test_values_are_coerced_as_the_command_line_parser_would():
     ({"optim": "adamw_9bit"}, "train.optim: expected one of adamw_torch"),
     ({"num_train_epochs": float("nan")}, "train.num_train_epochs: expected a finite number"),
     ({"lr_scheduler_kwargs": [1]}, "train.lr_scheduler_kwargs: expected a mapping or a string"),
-    ({"learning_rate": 0}, "train.learning_rate: must be > 0, got 0"),
-    ({"per_device_train_batch_size": 0}, "train.per_device_train_batch_size: must be > 0"),
     ({"warmup_steps": 2.5}, "train.warmup_steps: must be a share of the steps below 1, or a whole number"),
     ({"adam_beta1": 1}, "train.adam_beta1: must be >= 0 and < 1"),
     ({"max_steps": 0}, "train.max_steps: must be a positive number of steps (or -1: use epochs)"),
@@ -48,6 +46,18 @@ def test_values_are_coerced_as_the_command_line_parser_would():
 def test_bad_values_name_the_key_the_value_and_what_was_expected(train, message):
     with pytest.raises(AlignError) as caught:
         checked(train)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("train,message", [
+    ({"learning_rate": 0}, "train.learning_rate: Input should be greater than 0 (got 0, flag --lr)"),
+    ({"per_device_train_batch_size": 0}, "train.per_device_train_batch_size: Input should be greater than 0"),
+])
+def test_declared_fields_are_range_checked_by_the_recipe(train, message):
+    from align.core.config import validate
+
+    with pytest.raises(AlignError) as caught:
+        validate(SFTRecipe, {"train": train}, "recipe")
     assert message in str(caught.value)
 
 
@@ -60,3 +70,13 @@ def test_combinations_are_refused():
         checked({"padding_free": True}, model={"attn": "paged_attention"})
     assert checked({"packing": True, "packing_strategy": "wrapped"}, model={"attn": "paged_attention"})
     assert checked({"packing": True}, model={"attn": "sdpa"}) == {"packing": True}
+
+
+def test_each_range_is_written_once():
+    """A field the recipe's TrainSettings declare is range-checked there; trl_fields.FIELD_RANGES holds only the TRL
+    fields none of them declares."""
+    from align.core.trl_fields import FIELD_RANGES
+    from align.train.methods import METHODS
+
+    declared = {name for method in METHODS.values() for name in method.recipe.train_settings.model_fields}
+    assert not declared & set(FIELD_RANGES), declared & set(FIELD_RANGES)

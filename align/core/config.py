@@ -222,6 +222,12 @@ class TrainSettings(BaseModel):
         raise ValueError("expected a share of the steps below 1, or a whole number of steps")
 
 
+def with_defaults(train: dict[str, Any], settings: type[TrainSettings] = TrainSettings) -> dict[str, Any]:
+    """A `train` section with the defaults its settings own filled in, for code that reads a setting the user may
+    not have given (the batch, epochs, max length every method shares): the default is written once, there."""
+    return settings.model_validate(train).model_dump()
+
+
 class SFTTrainSettings(TrainSettings):
     packing: Annotated[bool, Flag("--packing", negatable=True)] = False
     """Pack sequences into blocks."""

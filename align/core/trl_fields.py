@@ -31,40 +31,32 @@ Range = tuple[float | None, bool, float | None, bool]
 POSITIVE: Range = (0, True, None, False)
 NON_NEGATIVE: Range = (0, False, None, False)
 UNIT_OPEN: Range = (0, False, 1, True)
+# Only the TRL fields the recipe's TrainSettings does not declare: those it declares are range-checked there, once
+# (align/core/config.py; tests/test_trl_fields.py keeps the two apart).
 FIELD_RANGES: dict[str, Range] = {
-    "learning_rate": POSITIVE,
-    "num_train_epochs": POSITIVE,
-    "per_device_train_batch_size": POSITIVE,
     "per_device_eval_batch_size": POSITIVE,
-    "gradient_accumulation_steps": POSITIVE,
     "eval_accumulation_steps": POSITIVE,
-    "max_length": POSITIVE,
-    "save_steps": POSITIVE,
-    "logging_steps": POSITIVE,
     "eval_steps": POSITIVE,
     "adam_epsilon": POSITIVE,
-    "neftune_noise_alpha": POSITIVE,
     "dataset_num_proc": POSITIVE,
     "pad_to_multiple_of": POSITIVE,
-    "beta": POSITIVE,
-    "warmup_steps": NON_NEGATIVE,
-    "weight_decay": NON_NEGATIVE,
     "max_grad_norm": NON_NEGATIVE,
-    "save_total_limit": NON_NEGATIVE,
-    "dataloader_num_workers": NON_NEGATIVE,
-    "seed": NON_NEGATIVE,
-    "data_seed": NON_NEGATIVE,
     "adam_beta1": UNIT_OPEN,
     "adam_beta2": UNIT_OPEN,
     "warmup_ratio": UNIT_OPEN,
-    "label_smoothing": (0, False, 0.5, True),  # at 0.5 chosen and rejected are the same label: no signal left
 }
 
-# Attention paths that keep packed sequences apart: transformers 5 builds the block-diagonal mask from the
-# position_ids that TRL's padding-free collator emits (masking_utils.find_packed_sequence_indices), and the flash
-# kernels take the same boundaries as cu_seqlens. Anything else (a custom kernel, paged attention) would let a
-# packed sequence attend to its neighbours.
-PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# Attention paths that keep packed sequences apart, and how (the one list: the packing decision and the recipe check
+# read it). Varlen kernels run each sequence alone (cu_seqlens). For sdpa and eager, transformers (5.17 to 5.25,
+# `masking_utils.find_packed_sequence_indices`) builds a block-diagonal causal mask from position ids that restart at
+# 0 when there is no attention mask and no cache (TRL's padding-free collator emits them, and SFTTrainer passes
+# use_cache=False): tests/test_packing.py checks both against each sequence alone, and that the check catches a
+# leaking path. flex_attention builds its block mask through the same utilities but is not listed: its backward does
+# not run on a CPU, so nothing here has shown it exact.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
+                    "kernels-community/flash-attn3")
+MASKED_ATTENTION = ("sdpa", "eager")
+PACKING_ATTENTION = VARLEN_ATTENTION + MASKED_ATTENTION
 
 
 class _Refused(Exception):

@@ -31,7 +31,7 @@ import torch
 from transformers import set_seed
 
 from align.core.artifacts import Timer, partial_dir
-from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec, PreferenceRecipe
+from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec, PreferenceRecipe, with_defaults
 from align.core.data import fingerprint_rows, hold_out
 from align.core.errors import AlignError
 from align.core.mixture import Mixture, mix_sources
@@ -143,11 +143,12 @@ def pairs_read(train: dict[str, Any], pairs: int) -> int:
     """Pairs the run's optimizer steps read: max_steps x effective batch x processes, else every pair per epoch."""
     import os
 
-    epochs = math.ceil(float(train.get("num_train_epochs", 3)))  # TrainingArguments' default
-    steps = int(train.get("max_steps", -1))
+    settings = with_defaults(train)
+    epochs = math.ceil(float(settings["num_train_epochs"]))
+    steps = int(settings["max_steps"])
     if steps <= 0:
         return pairs * epochs
-    batch = int(train.get("per_device_train_batch_size", 8)) * int(train.get("gradient_accumulation_steps", 1))
+    batch = int(settings["per_device_train_batch_size"]) * int(settings["gradient_accumulation_steps"])
     return steps * batch * int(os.environ.get("WORLD_SIZE", "1"))
 
 

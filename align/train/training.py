@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from align.core.artifacts import OutputDir, plot_series, provenance
-from align.core.config import LoraSpec, ModelSpec, TrainRecipe, recipe_dict
+from align.core.config import LoraSpec, ModelSpec, TrainRecipe, TrainSettings, recipe_dict, with_defaults
 from align.core.errors import AlignError, os_error_in, raise_write_error
+from align.core.trl_fields import PACKING_ATTENTION, VARLEN_ATTENTION
 from align.core.models import Precision, ResolvedModel, model_summary, pick_precision
 from align.train.divergence import FiniteGuard
 
@@ -201,21 +202,13 @@ def memory_layout(recipe: TrainRecipe | None, stage: str, ref: str | None
         return False, None, f"off: the memory planner could not plan this model ({exc})"
     setup = plan.setup
     if plan.layout:
-        asked = int(recipe.train.get("per_device_train_batch_size", 8))
+        asked = int(recipe.train_arguments()["per_device_train_batch_size"])
         micro = (setup.batch_size, setup.grad_accum) if setup.batch_size != asked else None
         return setup.gradient_checkpointing, micro, ("on: " if setup.gradient_checkpointing else "off: ") + plan.layout
     limit = available_memory(setup.device)
     verdict = "on" if setup.gradient_checkpointing else "off"
     return setup.gradient_checkpointing, None, (f"{verdict}: planned peak {human(plan.peak_bytes)} "
                                                 f"against {human(limit)} of {setup.device} memory")
-
-
-# Attention paths that keep packed sequences apart, and how. Varlen kernels run each sequence alone; for sdpa and
-# eager, transformers (5.23, `masking_utils.find_packed_sequence_indices`) builds a block-diagonal causal mask from
-# position ids that restart at 0 when there is no attention mask and no cache (SFTTrainer passes use_cache=False):
-# tests/test_packing.py checks both against each sequence alone, and that the check catches a leaking path.
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "kernels-community/flash-attn3")
-MASKED_ATTENTION = ("sdpa", "eager")
 
 
 def packing_choice(model_spec: ModelSpec, train: dict[str, Any], lengths: list[int] | None) -> tuple[bool, str]:
@@ -228,7 +221,7 @@ def packing_choice(model_spec: ModelSpec, train: dict[str, Any], lengths: list[i
     if "packing" in train or "padding_free" in train:
         return bool(train.get("packing")), "requested"
     attn = str(model_spec.attn)
-    if attn not in VARLEN_ATTENTION + MASKED_ATTENTION:
+    if attn not in PACKING_ATTENTION:
         return False, f"off: attention {attn!r} is not known to keep packed sequences apart"
     from align.train.estimate import load_shape
 
@@ -245,8 +238,9 @@ def packing_choice(model_spec: ModelSpec, train: dict[str, Any], lengths: list[i
         return False, "off: no data lengths to predict its cost from"
     from align.train.estimate import packing_speedup
 
-    batch = int(train.get("per_device_train_batch_size", 8))
-    max_length = int(train.get("max_length") or 1024)  # SFTConfig's default
+    settings = with_defaults(train)
+    batch = int(settings["per_device_train_batch_size"])
+    max_length = int(settings["max_length"] or TrainSettings.model_fields["max_length"].default)
     speedup = packing_speedup(shape, lengths, batch, max_length, dense_mask=True)
     how = (f"{attn} keeps sequences apart with a block-diagonal mask but computes attention over the whole "
            f"flattened batch ({batch} x {max_length} tokens); predicted {speedup:.2f}x the unpacked speed")
@@ -367,10 +361,11 @@ def checkpointing_argument_names() -> tuple[str, str]:
 
 def estimated_steps(train: dict[str, Any], rows: int) -> int:
     """Optimizer steps the run will take: max_steps, else epochs over the data."""
-    if train.get("max_steps", -1) and train.get("max_steps", -1) > 0:
-        return int(train["max_steps"])
-    batch = int(train.get("per_device_train_batch_size", 8)) * int(train.get("gradient_accumulation_steps", 1))
-    return math.ceil(rows / max(batch, 1)) * int(math.ceil(float(train.get("num_train_epochs", 3))))
+    settings = with_defaults(train)
+    if settings["max_steps"] > 0:
+        return int(settings["max_steps"])
+    batch = int(settings["per_device_train_batch_size"]) * int(settings["gradient_accumulation_steps"])
+    return math.ceil(rows / max(batch, 1)) * int(math.ceil(float(settings["num_train_epochs"])))
 
 
 def quiet_trainer(trainer: Any) -> Any:
