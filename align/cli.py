@@ -186,7 +186,7 @@ def export(model: str, output: str, export_type: str, overwrite: bool, verify: b
     """Write MODEL (model dir, adapter dir, merged model, .gguf or hub id) as one GGUF file for llama.cpp / Ollama."""
     from pathlib import Path
 
-    from align.core.export import CLEAR_MARGIN, export_gguf, verify_round_trip
+    from align.export import CLEAR_MARGIN, export_gguf, verify_round_trip
 
     result = export_gguf(model, Path(output), export_type, overwrite)
     click.echo(f"wrote {result.path} ({result.type}, {result.bytes / 2**20:.1f} MiB, {result.tensors} tensors, "

@@ -4,7 +4,7 @@ file get there? Issue 16's Q8_0 target, measured against what the format allows.
     python benchmarks/q8_0_headroom.py [--model smollm2-135m | RUNDIR/merged] [--skip-gptq]
 
 Every row perturbs the source model's matrices in memory and scores the fixed round-trip prompt set
-(`align.core.export`) against the unperturbed source, as `align export --verify` does with a file:
+(`align.export`) against the unperturbed source, as `align export --verify` does with a file:
 
 - `q8_0`: ggml's reference rounding (what `align export --type q8_0` writes), then the same error scaled by 1/2 and
   1/4, which is about what a block format with one or two more bits per weight would leave;
@@ -92,7 +92,7 @@ def dequantized(levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    from align.core.export import LogitTally, load_export_tokenizer, load_merged_model, round_trip_prompts
+    from align.export import LogitTally, load_export_tokenizer, load_merged_model, round_trip_prompts
     from align.core.models import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -93,7 +93,7 @@ def weight_table(base_dir: Path, merged_dir: Path | None, variants: list[str]) -
 def round_trips(spec: str, variants: list[str]) -> None:
     import gguf
 
-    import align.core.export as export
+    import align.export as export
 
     plain = export.encode_tensor
     for variant in variants:

@@ -89,7 +89,7 @@ def cli(*args: str):
 
 
 def test_f16_export_reloads_with_the_source_logits_tokens_template_and_eos(bpe_model_dir, tmp_path, cache_dir):
-    from align.core.export import export_gguf, verify_round_trip
+    from align.export import export_gguf, verify_round_trip
 
     result = export_gguf(str(bpe_model_dir), tmp_path / "m.gguf", "f16")
     check = verify_round_trip(str(bpe_model_dir), result.path)
@@ -103,7 +103,7 @@ def test_f16_export_reloads_with_the_source_logits_tokens_template_and_eos(bpe_m
 
 
 def test_q8_0_export_agrees_on_top1_and_reports_kl(bpe_model_dir, tmp_path, cache_dir):
-    from align.core.export import export_gguf, verify_round_trip
+    from align.export import export_gguf, verify_round_trip
 
     f16 = export_gguf(str(bpe_model_dir), tmp_path / "m16.gguf", "f16")
     q8 = export_gguf(str(bpe_model_dir), tmp_path / "m8.gguf", "q8_0")
@@ -121,7 +121,7 @@ def test_q8_0_export_agrees_on_top1_and_reports_kl(bpe_model_dir, tmp_path, cach
 def test_gguf_keys_are_llama_cpps(bpe_model_dir, tmp_path):
     import gguf
 
-    from align.core.export import export_gguf
+    from align.export import export_gguf
 
     path = export_gguf(str(bpe_model_dir), tmp_path / "m.gguf", "q8_0").path
     reader = gguf.GGUFReader(str(path))
@@ -146,7 +146,7 @@ def test_q_and_k_rows_are_permuted_as_llama_cpp_expects_and_transformers_undoes(
     import torch
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from align.core.export import permute_for_rope
+    from align.export import permute_for_rope
 
     weight = torch.arange(8 * 3 * 4, dtype=torch.float32).reshape(8 * 3, 4)  # 3 heads of dim 8
     permuted = permute_for_rope(weight, 3)
@@ -160,7 +160,7 @@ def test_q_and_k_rows_are_permuted_as_llama_cpp_expects_and_transformers_undoes(
 def test_tied_embeddings_write_no_output_tensor_and_reload_tied(tmp_path, cache_dir):
     import gguf
 
-    from align.core.export import export_gguf, verify_round_trip
+    from align.export import export_gguf, verify_round_trip
 
     source = save_bpe_model(tmp_path / "tied", tied=True)
     path = export_gguf(str(source), tmp_path / "tied.gguf", "f16").path
@@ -172,7 +172,7 @@ def test_an_adapter_is_merged_into_its_base_before_export(bpe_model_dir, tmp_pat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.core.export import export_gguf, verify_round_trip
+    from align.export import export_gguf, verify_round_trip
 
     base = AutoModelForCausalLM.from_pretrained(bpe_model_dir)
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -241,7 +241,7 @@ def test_overwrite_replaces_an_existing_file(bpe_model_dir, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 def test_llama_cpp_greedy_generates_the_same_first_tokens_as_transformers(bpe_model_dir, tmp_path):
-    from align.core.export import export_gguf
+    from align.export import export_gguf
 
     path = export_gguf(str(bpe_model_dir), tmp_path / "m.gguf", "f16").path
     assert greedy_tokens_agree(*transformers_and_llama_cpp(str(bpe_model_dir), path), new_tokens=8)
@@ -251,7 +251,7 @@ def transformers_and_llama_cpp(source: str, gguf_file: Path) -> tuple[Any, Any, 
     """The source's tokenizer and model as `align export` loads them, and llama.cpp on the exported file."""
     import llama_cpp
 
-    from align.core.export import load_export_tokenizer, load_merged_model
+    from align.export import load_export_tokenizer, load_merged_model
     from align.core.models import resolve_model
 
     resolved = resolve_model(source)
@@ -264,7 +264,7 @@ def greedy_tokens_agree(tokenizer: Any, model: Any, llm: Any, new_tokens: int) -
     """The same prompt ids into transformers and llama.cpp, greedy: the same first tokens (f16 file)."""
     import torch
 
-    from align.core.export import round_trip_prompts
+    from align.export import round_trip_prompts
 
     for prompt in round_trip_prompts(tokenizer):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -289,7 +289,7 @@ def greedy_tokens_agree(tokenizer: Any, model: Any, llm: Any, new_tokens: int) -
 def test_embedded_model_round_trips_in_f16_and_q8_0(tmp_path):
     """SmolLM2-135M (tied embeddings, GQA 9/3 heads, 49152 tokens): f16 reproduces the logits up to f16 rounding;
     Q8_0 keeps every top-1 the source decides clearly, and its few flips are near-ties."""
-    from align.core.export import export_gguf, verify_round_trip
+    from align.export import export_gguf, verify_round_trip
 
     f16 = export_gguf("smollm2-135m", tmp_path / "smol-f16.gguf", "f16")
     check = verify_round_trip("smollm2-135m", f16.path)
@@ -309,7 +309,7 @@ def test_llama_cpp_reads_the_embedded_model_export_as_transformers_does(tmp_path
     the SFT stage's template contract says a turn ends."""
     import torch
 
-    from align.core.export import export_gguf, round_trip_prompts
+    from align.export import export_gguf, round_trip_prompts
 
     path = export_gguf("smollm2-135m", tmp_path / "smol-f16.gguf", "f16").path
     tokenizer, model, llm = transformers_and_llama_cpp("smollm2-135m", path)
@@ -352,7 +352,7 @@ def test_a_gguf_tokenizer_takes_its_special_tokens_from_the_file_metadata(bpe_mo
     """transformers 5.17's GPT-2 GGUF converter returns the BOS token as EOS; the metadata ids win."""
     from transformers import AutoTokenizer
 
-    from align.core.export import export_gguf
+    from align.export import export_gguf
     from align.core.models import gguf_special_token_ids, set_gguf_special_tokens
 
     path = export_gguf(str(bpe_model_dir), tmp_path / "m.gguf", "f16").path

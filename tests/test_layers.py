@@ -17,7 +17,8 @@ ALLOWED: dict[str, set[str]] = {
     "align.train": {"align.core", "align.train"},
     "merge": {"align.core", "merge"},
     "eval": {"align.core", "eval"},
-    "align.pipeline": {"align.core", "align.train", "align.pipeline", "merge", "eval"},
+    "align.export": {"align.core", "align.export"},
+    "align.pipeline": {"align.core", "align.train", "align.pipeline", "align.export", "merge", "eval"},
 }
 FIRST_PARTY = ("align", "merge", "eval")
 

@@ -14,7 +14,7 @@ GGUF_NAME = "model.gguf"
 
 def run_export_stage(stage: ExportStage, pipeline: Pipeline) -> Path:
     from align.core.artifacts import output_dir
-    from align.core.export import export_gguf, verify_round_trip
+    from align.export import export_gguf, verify_round_trip
 
     source = pipeline.path(stage.model)
     with output_dir(pipeline.rundir / stage.name, overwrite=True) as handle:
