@@ -259,7 +259,8 @@ def _read_hub(source: str, split: str | None, config: str | None = None) -> tupl
         dataset = datasets.load_dataset(name, config, split=split)
     except FileNotFoundError as exc:
         if local:
-            raise DataError(f"{name}: is a directory with no data files datasets can read ({_first_line(exc)})") from None
+            raise DataError(f"{name}: is a directory with no data files datasets can read "
+                            f"({_first_line(exc)})") from None
         raise DataError(f"data not found: '{source}' is neither a local file nor a reachable hub dataset") from None
     except (ConnectionError, OSError) as exc:
         raise DataError(f"{what} could not be loaded (offline and not cached?): {_first_line(exc)}") from None

@@ -87,7 +87,8 @@ def inspect_preferences(rows: Rows, tokenizer: Any, fmt: str | None, max_length:
         "chosen_tokens": length_stats([len(full[0]) - start for start, full in tokenized]),
         "rejected_tokens": length_stats([len(full[1]) - start for start, full in tokenized]),
         **truncation(tokenized, max_length),
-        "example": f"chosen:\n{_rendered(tokenizer, start, chosen)}\nrejected:\n{_rendered(tokenizer, start, rejected)}",
+        "example": (f"chosen:\n{_rendered(tokenizer, start, chosen)}\n"
+                    f"rejected:\n{_rendered(tokenizer, start, rejected)}"),
         "fingerprint": fingerprint_rows(data.pairs),
     }
 

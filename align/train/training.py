@@ -64,8 +64,7 @@ def adapter_lora(adapter: Path) -> dict[str, Any]:
     except (OSError, ValueError, TypeError) as exc:
         raise AlignError(f"{adapter}: cannot read adapter_config.json ({str(exc).splitlines()[0]})") from None
     own = {field: config.get(key) for field, key in ADAPTER_CONFIG_KEYS.items()}
-    if isinstance(own["target_modules"], (list, set, tuple)):
-        own["target_modules"] = sorted(own["target_modules"])
+    own["target_modules"] = module_names(own["target_modules"])
     own["init"] = "default" if own["init"] in (True, None) else str(own["init"])
     return own
 
@@ -78,7 +77,8 @@ def continued_lora(recipe: TrainRecipe, adapter: Path | None) -> TrainRecipe:
         return recipe
     own = adapter_lora(adapter)
     given = recipe.lora.model_dump(include=recipe.lora.model_fields_set)
-    differ = [field for field, value in given.items() if field in own and not _same_lora_value(field, value, own[field])]
+    differ = [field for field, value in given.items()
+              if field in own and not _same_lora_value(field, value, own[field])]
     if differ:
         asked = ", ".join(f"lora.{f}={given[f]}" for f in differ)
         theirs = ", ".join(f"{f}={own[f]}" for f in differ)
@@ -88,10 +88,18 @@ def continued_lora(recipe: TrainRecipe, adapter: Path | None) -> TrainRecipe:
     return recipe.model_copy(update={"lora": type(recipe.lora).model_validate({**recipe.lora.model_dump(), **shape})})
 
 
+def module_names(targets: Any) -> Any:
+    """LoRA target modules as sorted module names: PEFT saves an `all-linear` adapter's targets as full paths
+    (`model.layers.0.mlp.down_proj`), a listed one's as given; a regex string stays as it is."""
+    if isinstance(targets, (list, set, tuple)):
+        return sorted({str(t).rsplit(".", 1)[-1] for t in targets})
+    return targets
+
+
 def _same_lora_value(field: str, value: Any, own: Any) -> bool:
     if field == "target_modules":
         # all-linear is expanded into module names when an adapter is made, so any saved list may be what it meant
-        return value == "all-linear" or sorted([value] if isinstance(value, str) else value) == own
+        return value == "all-linear" or module_names([value] if isinstance(value, str) else value) == own
     if field == "alpha" and value is None:
         return True  # unset: 2*r by default, which the adapter's own alpha replaces
     return value == own
@@ -690,9 +698,8 @@ def trained_adapter(model: Any) -> dict[str, Any]:
     config = getattr(model, "peft_config", {}).get("default")
     if config is None:
         return {}
-    targets = config.target_modules
     return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+            "target_modules": module_names(config.target_modules),
             "use_rslora": config.use_rslora, "use_dora": config.use_dora}
 
 
