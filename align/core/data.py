@@ -199,10 +199,9 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        key, items = next(iter(data.items()))
-        data = [data] if _all_turns(items) else items  # {"conversations": [turns]} is one row; {"data": [...]} many
-    elif _all_turns(data):
-        data = [{"conversations" if "from" in data[0] else "messages": data}]  # a bare list of one conversation's turns
+        data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}, or {"conversations": [turns]}
+    if _all_turns(data):  # the turns of one conversation, as axolotl's fixtures store one
+        data = [{"conversations" if "from" in data[0] else "messages": data}]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of objects (or one key holding a list), got {type(data).__name__}")
     for i, row in enumerate(data):
