@@ -389,7 +389,7 @@ def tracking_arguments(recipe: TrainRecipe) -> dict[str, Any]:
     after the output dir unless train.run_name says otherwise; `align run` names the project after its run dir.
     """
     asked = recipe.train.get("report_to", recipe.report_to)  # TRL's own field name wins when a recipe uses it
-    choice = asked if isinstance(asked, list) else resolve_report_to(str(asked))
+    choice = [resolve_report_to(str(c)) for c in asked] if isinstance(asked, list) else resolve_report_to(str(asked))
     arguments: dict[str, Any] = {
         "report_to": choice,
         "run_name": recipe.train.get("run_name") or Path(recipe.output or "run").name,
