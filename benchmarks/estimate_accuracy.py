@@ -16,7 +16,7 @@ runs every case on another model (e.g. `benchmarks/make_model.py llama-1b`), `--
 data's words instead of the built-in random words (rows stay longer than the case's length, so every row is exactly
 that many tokens):
 
-    .venv/bin/python benchmarks/estimate_accuracy.py --model models/llama-1b --data data/hh.jsonl --out gpu.json
+    .venv/bin/python benchmarks/estimate_accuracy.py --model models/llama-1b --data data/hh-chat.jsonl --out gpu.json
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ shard_size_option = click.option(
     help="Output shard size in bytes, e.g. 500M (default mergekit's 5B); one shard is held in memory until written.")
 
 
+allow_base_mismatch_option = click.option(
+    "--allow-base-mismatch", is_flag=True,
+    help="Merge adapters against a base they were not trained on (refused otherwise; merge.json records it).")
+
+
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options every shortcut shares."""
     for option in reversed([
@@ -34,6 +39,7 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Merge adapters in adapter space and write an adapter (default for linear over adapters)."),
         click.option("--rank", type=int, default=None,
                      help="Adapter-space output rank (default: the sum of the input ranks)."),
+        allow_base_mismatch_option,
         shard_size_option,
         debug_option,
     ]):
@@ -196,11 +202,14 @@ for _method in METHODS.values():
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output dir.")
 @seed_option
 @shard_size_option
+@allow_base_mismatch_option
 @debug_option
 @handle_errors
-def config(file: Path, out: Path, overwrite: bool, seed: int | None, shard_size: str | None, debug: bool) -> None:
+def config(file: Path, out: Path, overwrite: bool, seed: int | None, shard_size: str | None,
+           allow_base_mismatch: bool, debug: bool) -> None:
     """Run any mergekit configuration FILE (for everything the shortcuts don't cover)."""
-    _done(run_config_file(file, out, overwrite=overwrite, seed=seed, shard_size=shard_size))
+    _done(run_config_file(file, out, overwrite=overwrite, seed=seed, shard_size=shard_size,
+                          allow_base_mismatch=allow_base_mismatch))
 
 
 if __name__ == "__main__":

@@ -195,6 +195,30 @@ def check_same_base(adapters: list[MergeInput]) -> Path:
     return first.base_dir
 
 
+def base_fingerprint(resolved: ResolvedModel) -> str:
+    """The fingerprint of the base weights alone (an adapter's is its base's, `+`, its own)."""
+    return resolved.fingerprint.rpartition("+")[0] if resolved.adapter is not None else resolved.fingerprint
+
+
+def same_base(a: ResolvedModel, b: ResolvedModel) -> bool:
+    """Whether two models sit on the same base weights: the same dir, or a copy of it (the same fingerprint)."""
+    return Path(a.base).resolve() == Path(b.base).resolve() or base_fingerprint(a) == base_fingerprint(b)
+
+
+def base_mismatches(items: list[MergeInput], base: MergeInput) -> list[str]:
+    """The adapters among `items` trained on another model than `base`, each as one phrase. Merged against `base`,
+    such an adapter's task vector is its own delta plus the difference between the two bases, and with bases of the
+    same shapes nothing else would notice."""
+    return [f"{item.spec} was trained on {item.resolved.base}, not on {base.spec}" for item in items
+            if item.is_adapter and not same_base(item.resolved, base.resolved)]
+
+
+def check_base_mismatches(mismatches: list[str], allowed: bool) -> None:
+    if mismatches and not allowed:
+        raise AlignError(f"{mismatches[0]}, the base it would be merged against (its task vector would carry the "
+                         "difference between the two bases); pass --allow-base-mismatch to merge anyway")
+
+
 @dataclass(frozen=True)
 class LayerSlice:
     """`--slice A:0-20`: layers [start, end) of one input."""

@@ -8,7 +8,6 @@ read factors → merge → write an adapter.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +16,7 @@ import yaml
 
 from align.core.artifacts import Timer, check_output_dir, output_dir, provenance
 from align.core.config import load_yaml, one_line_error
-from align.core.errors import AlignError, did_you_mean
+from align.core.errors import AlignError, did_you_mean, raise_write_error
 from align.core.models import EMBEDDED_ALIAS, dir_fingerprint, resolve_model
 from align.core.template import write_template
 from merge import adapters as lora
@@ -50,6 +49,8 @@ class MergeRequest:
     template_source: str | None = None
     """A model or adapter dir whose tokenizer (chat template, EOS/PAD) a merged model takes, instead of the one
     mergekit copied from an input (the pipeline passes its SFT stage). Adapter-space merges keep their first input's."""
+    allow_base_mismatch: bool = False
+    """Merge adapters against a base they were not trained on (refused otherwise; merge.json records it)."""
 
 
 def run_merge_request(request: MergeRequest) -> Path:
@@ -114,12 +115,16 @@ def _merge_models(request: MergeRequest, items: list[MergeInput], base: MergeInp
         base = _implied_base(request, items)
     everyone = ([base] if base else []) + items
     with timer.phase("checks"):
+        mismatches = checks.base_mismatches(items, base) if base else []
+        checks.check_base_mismatches(mismatches, request.allow_base_mismatch)
         tokenizer_source = _tokenizer_source(request.tokenizer_source, items)
         _check_models(request, everyone, items, slices)
-    with output_dir(request.out, overwrite=request.overwrite) as handle, \
-            tempfile.TemporaryDirectory(prefix=".materialized-", dir=handle.path.parent) as scratch:
+    with output_dir(request.out, overwrite=request.overwrite) as handle:
+        # inside the partial dir: a kill leaves it where the next run's clean start (or --overwrite) removes it
+        scratch = handle.path / ".materialized"
+        scratch.mkdir()
         with timer.phase("materialize"):
-            local = {item.spec: _local_dir(item, Path(scratch)) for item in everyone}
+            local = {item.spec: _local_dir(item, scratch) for item in everyone}
         shown = {item.spec: _mergekit_reference(item) for item in everyone}
         run_config = _config(request, items, base, slices, local, tokenizer_source)
         shown_config = _config(request, items, base, slices, shown, tokenizer_source)
@@ -128,13 +133,15 @@ def _merge_models(request: MergeRequest, items: list[MergeInput], base: MergeInp
                 config.update(dtype="float32", out_dtype=_stored_dtype(everyone[0].base_dir))
         with timer.phase("mergekit"):
             run_mergekit(run_config, handle.path, seed=request.params.seed, shard_size=request.shard_size)
+        shutil.rmtree(scratch)
         write_mergekit_yaml(handle.path, shown_config, request)
         _name_inputs_in_card(handle.path / "README.md", {local[s]: shown[s] for s in local})
         eos = write_template(handle.path, request.template_source)
         record = _record(request, everyone, timer, output_kind="model", extra={
             "mode": "materialize" if any(i.is_adapter for i in everyone) else "models",
             "mergekit_method": run_config["merge_method"], "eos_token_id": eos,
-            "template_source": request.template_source}, base=base)
+            "template_source": request.template_source,
+            "allow_base_mismatch": request.allow_base_mismatch, "base_mismatches": mismatches}, base=base)
         handle.commit("merge.json", record)
     return request.out
 
@@ -246,6 +253,9 @@ def run_mergekit(config: dict[str, Any], out: Path, seed: int | None = None, sha
     assert isinstance(merge_config, MergeConfiguration)
     try:
         run_merge(merge_config, str(out), options)
+    except Exception as exc:
+        raise_write_error(exc, out)  # mergekit writes through safetensors: a full disk is its `os error 28`
+        raise
     finally:
         _forget_mergekit_loaders()
         shutil.rmtree(out / ".lora-cache", ignore_errors=True)
@@ -303,7 +313,8 @@ def _merge_in_adapter_space(request: MergeRequest, items: list[MergeInput], base
     base_dir = checks.check_same_base(items)
     if base is not None and (base.is_adapter or base.base_dir.resolve() != base_dir.resolve()):
         raise AlignError(f"--base {base.spec} is not the adapters' base ({base_dir}); adapter-space merges are "
-                         "relative to the adapters' own base")
+                         "relative to the adapters' own base (merge against another with --materialize "
+                         "--allow-base-mismatch)")
     with timer.phase("read"):
         adapters = [lora.read_adapter(i.resolved.adapter) for i in items]
         lora.check_module_shapes(adapters)
@@ -336,7 +347,7 @@ def _copy_tokenizer(item: MergeInput, out: Path) -> None:
 
 
 def run_config_file(path: Path, out: Path, overwrite: bool = False, seed: int | None = None,
-                    shard_size: str | None = None) -> Path:
+                    shard_size: str | None = None, allow_base_mismatch: bool = False) -> Path:
     """`merge config FILE.yaml`: any mergekit configuration, validated by mergekit, run by mergekit."""
     check_output_dir(out, overwrite)
     parse_shard_size(shard_size)
@@ -344,6 +355,8 @@ def run_config_file(path: Path, out: Path, overwrite: bool = False, seed: int | 
     raw = resolve_config_models(raw)
     merge_config = validate_mergekit_config(raw, str(path))
     _check_config_models(merge_config, path)
+    mismatches = config_base_mismatches(merge_config)
+    checks.check_base_mismatches(mismatches, allow_base_mismatch)
     timer = Timer()
     with output_dir(out, overwrite=overwrite) as handle:
         with timer.phase("mergekit"):
@@ -357,6 +370,7 @@ def run_config_file(path: Path, out: Path, overwrite: bool = False, seed: int | 
             "command": "config", "method": merge_config.merge_method, "config_file": str(path),
             "inputs": [_describe_reference(m) for m in merge_config.referenced_models()],
             "parameters": raw, "output": {"kind": "model", "path": str(out)}, "eos_token_id": eos,
+            "allow_base_mismatch": allow_base_mismatch, "base_mismatches": mismatches,
             **provenance(timer.timings()),
         }
         handle.commit("merge.json", record)
@@ -389,6 +403,22 @@ def _describe_reference(reference: Any) -> dict[str, Any]:
             described[role] = part.path
             described[f"{role}_fingerprint"] = dir_fingerprint(local) if local.is_dir() else f"hub:{part.path}"
     return described
+
+
+def config_base_mismatches(merge_config: Any) -> list[str]:
+    """`MODEL+LORA` references whose LoRA was trained on another model than MODEL, or, with a base_model, another
+    than the base (local adapter dirs; a hub LoRA's base cannot be read without downloading it)."""
+    base = merge_config.base_model
+    found = []
+    for reference in merge_config.referenced_models():
+        lora = reference.lora
+        if lora is None or not (Path(lora.path) / "adapter_config.json").is_file():
+            continue
+        adapter = MergeInput(str(reference), resolve_model(lora.path))
+        for target in [reference.model] + ([base.model] if base is not None and base.lora is None else []):
+            if Path(target.path).is_dir():
+                found += checks.base_mismatches([adapter], MergeInput(target.path, resolve_model(target.path)))
+    return list(dict.fromkeys(found))
 
 
 def _check_config_models(merge_config: Any, path: Path) -> None:

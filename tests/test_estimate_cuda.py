@@ -60,3 +60,18 @@ def test_dropout_costs_a_mask_byte_per_lora_input_on_cuda(llama_1b):
     masks = 4096 * inputs * llama_1b.layers
     activations = {p.setup.stage: next(t for t in p.terms if t.name == "activations").bytes for p in (sft, dpo)}
     assert activations["sft"] - activations["dpo"] == masks
+
+
+def test_a_capped_process_plans_within_its_cap(monkeypatch):
+    """`torch.cuda.set_per_process_memory_fraction` (a shared GPU; the GPU suite's 80 GB budget on an H200) caps
+    what the caching allocator reserves, so the planner's memory is total x fraction, not the whole card."""
+    import torch
+
+    from align.train.estimate import CUDA_CONTEXT, available_memory
+
+    total = 150_000_000_000
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": total}))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
+    assert available_memory("cuda") == total - CUDA_CONTEXT
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.5)
+    assert available_memory("cuda") == total // 2

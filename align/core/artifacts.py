@@ -2,14 +2,19 @@
 
 A command writes into `OUT.partial/` (a sibling of OUT) and renames it to OUT only at the end, after its final
 record (`run.json`, `merge.json`, `report.json`) is the last file written. A killed run therefore never leaves a dir
-that looks complete, and readers treat a dir without its record as incomplete. Training keeps its checkpoints in
-the partial dir so `--resume` can find them after a crash.
+that looks complete, and readers treat a dir without its record (or with an unreadable one) as incomplete. Training
+keeps its checkpoints in the partial dir so `--resume` can find them after a crash.
+
+One process writes an output at a time: it holds an exclusive `flock` on `OUT.partial` from before it writes anything
+until the rename, and the kernel releases it when the process dies, so a killed run never blocks the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import os
 import platform
 import resource
@@ -27,8 +32,64 @@ VERSIONED_PACKAGES = ("alignmerge", "torch", "transformers", "trl", "peft", "acc
                       "mergekit", "evaluate", "safetensors", "gguf")
 
 
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+"""Inside `OUT.partial`: the pid of the process holding the lock on that dir, for the message a second run gets."""
+
+
 def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
+
+
+def lock_partial_dir(work: Path, out: Path) -> int:
+    """Create (or reuse) `work` and take an exclusive lock on it; returns the locked descriptor (close it to release).
+
+    The lock is on the directory itself, never on a file that a cleanup could delete, and it is checked to be the
+    dir now at `work` (a finishing holder renames its dir away, a failing one removes it). A second writer gets one
+    line naming the holder's pid."""
+    while True:
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AlignError(f"cannot create output dir {work}: {exc.strerror}") from None
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlignError(f"{out} is being written by another run (pid {lock_holder(work)}, lock on {work}); "
+                             "wait for it to finish or stop it") from None
+        if _same_dir(work, fd):
+            (work / LOCK_FILE).write_text(f"{os.getpid()}\n")
+            return fd
+        os.close(fd)  # the dir we locked was renamed or removed meanwhile: lock the one there now
+
+
+def _same_dir(path: Path, fd: int) -> bool:
+    try:
+        here, locked = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
+
+
+def lock_holder(work: Path) -> str:
+    try:
+        return (work / LOCK_FILE).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def clear_dir(path: Path, keep: str = LOCK_FILE) -> None:
+    """Empty a dir in place (its inode, and so its lock, stays), keeping the lock's pid file."""
+    for child in path.iterdir():
+        if child.name == keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def check_output_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
@@ -58,6 +119,7 @@ class OutputDir:
             self.committed = True
             return self.final
         write_json(self.path / record_name, record)
+        (self.path / LOCK_FILE).unlink(missing_ok=True)  # the lock itself is held until the rename is done
         if self.final.exists():
             trash = self.final.with_name(self.final.name + ".old")
             shutil.rmtree(trash, ignore_errors=True)
@@ -66,6 +128,7 @@ class OutputDir:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.path, self.final)
+        fsync_dir(self.final.parent)
         self.committed = True
         return self.final
 
@@ -73,10 +136,10 @@ class OutputDir:
 @contextlib.contextmanager
 def output_dir(out: Path, overwrite: bool = False, resume: bool = False, keep_on_error: bool = False,
                writer: bool = True) -> Iterator[OutputDir]:
-    """Create (or, with `resume`, reuse) `OUT.partial` and remove it on failure unless `keep_on_error`.
+    """Lock and create (or, with `resume`, reuse) `OUT.partial`, and remove it on failure unless `keep_on_error`.
 
     Training passes `keep_on_error=True` once a checkpoint exists, so a crash keeps what `--resume` needs.
-    `writer=False` (non-main processes) gets the same paths but creates, removes and renames nothing.
+    `writer=False` (non-main processes) gets the same paths but locks, creates, removes and renames nothing.
     """
     out = Path(out)
     check_output_dir(out, overwrite, resume)
@@ -84,22 +147,35 @@ def output_dir(out: Path, overwrite: bool = False, resume: bool = False, keep_on
     if not writer:
         yield OutputDir(out, work, writer=False)
         return
-    if work.exists() and not resume:
-        shutil.rmtree(work)
+    created = not work.exists()
+    lock = lock_partial_dir(work, out)
     try:
-        work.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AlignError(f"cannot create output dir {work}: {exc.strerror}") from None
-    handle = OutputDir(out, work)
+        _prepare_locked(out, work, overwrite, resume, created)
+        handle = OutputDir(out, work)
+        try:
+            yield handle
+        except BaseException:
+            if not handle.committed and not (keep_on_error and has_checkpoint(work)):
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        if not handle.committed:
+            shutil.rmtree(work, ignore_errors=True)
+            raise RuntimeError("output dir was not committed")  # a bug in the command, not user input
+    finally:
+        os.close(lock)  # last: nobody else may take the dir before it is renamed or removed
+
+
+def _prepare_locked(out: Path, work: Path, overwrite: bool, resume: bool, created: bool) -> None:
+    """Under the lock: check OUT again (the run that held the lock may have just finished it), then start from an
+    empty partial dir unless resuming. A refusal removes only a partial dir this run created."""
     try:
-        yield handle
-    except BaseException:
-        if not handle.committed and not (keep_on_error and has_checkpoint(work)):
+        check_output_dir(out, overwrite, resume)
+    except AlignError:
+        if created:
             shutil.rmtree(work, ignore_errors=True)
         raise
-    if not handle.committed:
-        shutil.rmtree(work, ignore_errors=True)
-        raise RuntimeError("output dir was not committed")  # a bug in the command, not user input
+    if not resume:
+        clear_dir(work)
 
 
 def has_checkpoint(path: Path) -> bool:
@@ -107,19 +183,51 @@ def has_checkpoint(path: Path) -> bool:
 
 
 def is_complete(path: Path, record_name: str = "run.json") -> bool:
-    """A dir is complete only when its final record exists (it is written last)."""
-    return (Path(path) / record_name).is_file()
+    """A dir is complete only when its final record (written last) exists and reads."""
+    return read_json_record(Path(path) / record_name) is not None
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename), so readers never see half a record."""
+    """Write JSON atomically and durably (temp file, fsync, rename, fsync of the dir), so neither a killed process nor
+    a crashed machine leaves a reader half a record or an empty file."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise AlignError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json_record(path: Path) -> dict[str, Any] | None:
+    """A state file or record (pipeline.json, run.json, ...) as a dict; None when it is missing, and also when it is
+    empty or unreadable (a crash before it was written out), with a one-line warning: such a file means nothing was
+    recorded, not that the input is bad."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        log.warning("ignoring unreadable %s (%s): treated as absent", path, reason)
+        return None
+    if not isinstance(data, dict):
+        log.warning("ignoring %s: not a JSON object, treated as absent", path)
+        return None
+    return data
 
 
 def _json_default(value: Any) -> Any:

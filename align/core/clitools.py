@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from align.core.errors import AlignError
+from align.core.errors import AlignError, os_error_in
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,9 +57,17 @@ def one_line(exc: BaseException) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")[:2000]
 
 
+def environment_message(exc: OSError) -> str:
+    """`OSError: No space left on device (PATH)`: what failed, and on which path when the error names one."""
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    reason = exc.strerror or one_line(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {reason}{where}"
+
+
 def handle_errors(fn: F) -> F:
-    """Turn AlignError (and OSError/MemoryError) into `error: ...` on stderr and exit 2, any other exception into
-    `internal error: ...` and exit 3; `--debug` (or ALIGNMERGE_DEBUG=1) re-raises with the traceback."""
+    """Turn AlignError (and an OSError, also one behind another exception, and MemoryError) into `error: ...` on
+    stderr and exit 2, any other exception into `internal error: ...` and exit 3; `--debug` (or ALIGNMERGE_DEBUG=1)
+    re-raises with the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -83,19 +91,22 @@ def handle_errors(fn: F) -> F:
             sys.exit(130)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # click's own: usage errors print their usage and exit 2
-        except (OSError, MemoryError) as exc:
-            # The environment, not the input or a bug: a full disk, a denied write, an unreadable file, no memory.
+        except MemoryError as exc:
             if debug:
                 raise
-            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            reason = getattr(exc, "strerror", None) or one_line(exc) or type(exc).__name__
-            click.echo(f"error: {type(exc).__name__}: {reason}{where}", err=True)
+            click.echo(f"error: MemoryError: {one_line(exc) or 'out of memory'}", err=True)
             sys.exit(AlignError.exit_code)
         except Exception as exc:
-            # Anything else is a bug in alignmerge: one line and its own exit code, so scripts can tell it from bad
-            # input; output dirs are already cleaned up by the context managers the exception passed through.
             if debug:
                 raise
+            cause = os_error_in(exc)
+            if cause is not None:
+                # The environment, not the input or a bug: a full disk, a denied write, an unreadable file, also
+                # when a library wraps it (safetensors' `os error 28`).
+                click.echo(f"error: {environment_message(cause)}", err=True)
+                sys.exit(AlignError.exit_code)
+            # Anything else is a bug in alignmerge: one line and its own exit code, so scripts can tell it from bad
+            # input; output dirs are already cleaned up by the context managers the exception passed through.
             click.echo(f"internal error: {type(exc).__name__}: {one_line(exc)} (run with --debug for the traceback)",
                        err=True)
             sys.exit(INTERNAL_ERROR_EXIT)

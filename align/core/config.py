@@ -218,6 +218,9 @@ class TrainSettings(BaseModel):
     """The last checkpoint and the one before it: enough to resume after a kill during a save."""
     logging_steps: Annotated[int | float, Field(gt=0)] = 1
     """Every step, for the progress bar and run.json's loss curve."""
+    logging_nan_inf_filter: bool = False
+    """Log a NaN/inf loss as it is (the Trainer's default averages it away, so a diverged run logged 0.0): the run
+    then stops at that step instead of saving a NaN adapter (align/train/divergence.py)."""
     disable_tqdm: bool = True
     """Our own progress bar shows loss and tokens/s."""
     dataloader_num_workers: Annotated[int, Field(ge=0)] = 0
@@ -286,6 +289,14 @@ class TrainRecipe(Section):
     """Continue from the last checkpoint."""
     overwrite: Annotated[bool, Flag("--overwrite")] = False
     """Replace a non-empty output dir."""
+    force: Annotated[bool, Flag("--force")] = False
+    """With --resume: continue from a checkpoint trained under other settings (run.json records both)."""
+
+    @model_validator(mode="after")
+    def _force_resumes(self) -> "TrainRecipe":
+        if self.force and not self.resume:
+            raise ValueError("force continues a resumed run under changed settings: give it with --resume")
+        return self
 
     @field_validator("train")
     @classmethod

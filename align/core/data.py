@@ -51,6 +51,9 @@ class Rows:
     locations: list[str]
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    """Where each item the loader returned came from, in order: the locations of the rows that normalized (one
+    per preference pair), for messages about rows the trainer later drops."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -435,9 +438,11 @@ def normalize_rows(
         )
     warn_unused_columns(rows)
     out = []
+    rows.kept = []
     for row, where in zip(rows.rows, rows.locations):
         try:
             out.append(normalize(row, chosen, where))
+            rows.kept.append(where)
         except DataError as exc:
             if not skip_invalid:
                 raise
@@ -467,7 +472,8 @@ def _holds(value: Any) -> bool:
 
 def hold_out(rows: list[Any], size: float, seed: int, where: str) -> tuple[list[Any], list[Any]]:
     """(kept, held out): a seeded random `size` of the rows, a share below 1 (at least one row) or a row count, as
-    the handbook's `test_split_size` is written either way. Both keep the rows' order."""
+    the handbook's `test_split_size` is written either way. Both keep the rows' order. Which positions are held out
+    depends only on the count, so rows and their locations split alike."""
     count = int(size) if size >= 1 else max(1, int(len(rows) * size))
     if count >= len(rows):
         raise DataError(f"{where}: eval_size {size:g} holds out {count} of {len(rows)} rows, leaving none to train on")

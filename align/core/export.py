@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from align.core.artifacts import clear_dir, lock_partial_dir, partial_dir
 from align.core.errors import AlignError, MissingDependencyError
 from align.core.models import (
     LoadOptions,
@@ -326,7 +328,8 @@ def encode_tensor(data: np.ndarray, export_type: ExportType) -> tuple[np.ndarray
 
 
 def export_gguf(spec: str, out: Path, export_type: str = "f16", overwrite: bool = False) -> ExportResult:
-    """Write `spec` (anything `--model` accepts) as one GGUF file at `out`, atomically (`out.partial`, then rename)."""
+    """Write `spec` (anything `--model` accepts) as one GGUF file at `out`, atomically: written inside the locked
+    `OUT.partial/` dir (one writer per output, as for every command), then renamed into place."""
     try:
         import gguf
     except ImportError:
@@ -351,8 +354,12 @@ def export_gguf(spec: str, out: Path, export_type: str = "f16", overwrite: bool 
     add_bos, add_eos = adds_special_tokens(tokenizer)
     tensors = gguf_tensors(model, arch, export_type)  # type: ignore[arg-type]
 
-    partial = out.with_name(out.name + ".partial")
+    work = partial_dir(out)
+    lock = lock_partial_dir(work, out)
+    partial = work / out.name
     try:
+        check_output_file(out, overwrite)  # again under the lock: the run that held it may have written OUT
+        clear_dir(work)
         writer = gguf.GGUFWriter(str(partial), arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(Path(spec).stem if spec.endswith(".gguf") else Path(spec).name)
@@ -401,9 +408,9 @@ def export_gguf(spec: str, out: Path, export_type: str = "f16", overwrite: bool 
         writer.write_tensors_to_file()
         writer.close()
         os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.close(lock)
     return ExportResult(out, export_type, out.stat().st_size, time.perf_counter() - started, len(tensors), eos_id,
                         contract["eos_token"], eot_id)
 

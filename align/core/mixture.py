@@ -34,33 +34,39 @@ class Mixture:
     def format(self) -> str:
         return "+".join(dict.fromkeys(s["format"] for s in self.sources))
 
+    locations: list[str] = field(default_factory=list)
+    """Where each row came from (its source's file and line)."""
+
     def as_loaded(self) -> tuple[list[dict[str, Any]], str, Rows]:
         """The same triple a single source's loader returns, for code that handles both alike."""
-        locations = [f"data.mixture: row {i + 1}" for i in range(len(self.rows))]
-        return self.rows, self.format, Rows("data.mixture", self.rows, locations, self.skipped, self.problems)
+        return self.rows, self.format, Rows("data.mixture", self.rows, self.locations, self.skipped, self.problems,
+                                            kept=self.locations)
 
 
 def mix_sources(sources: list[MixtureSource], normalize: SourceNormalizer, seed: int,
                 limit: int | None = None) -> Mixture:
     """Read every source, take what each asks for, keep the first `limit` rows of the mix, normalize them."""
     mixed: list[dict[str, Any]] = []
+    locations: list[str] = []
     record: list[dict[str, Any]] = []
-    skipped, problems = 0, []
+    skipped, problems, used = 0, [], 0
     for index, source in enumerate(sources):
-        left = None if limit is None else limit - len(mixed)
+        left = None if limit is None else limit - used  # rows, as --limit counts a single file's
         if left == 0:
             break
         raw = read_rows(source.path, source.split, config=source.config)
         picked = take_indices(len(raw), source, seed, f"data.mixture[{index}] ({source.path})")[:left]
+        used += len(picked)
         taken = Rows(raw.source, [raw.rows[i] for i in picked], [raw.locations[i] for i in picked])
         items, fmt = normalize(source, taken)
         mixed += items
+        locations += taken.kept
         skipped += taken.skipped
         problems += taken.problems
         record.append({"path": source.path, "split": source.split, "format": fmt, "available": len(raw),
                        "taken": len(items), "rows": source.rows, "weight": source.weight,
                        "fingerprint": fingerprint_rows(items)})
-    return Mixture(mixed, record, skipped, problems)
+    return Mixture(mixed, record, skipped, problems, locations)
 
 
 def take_indices(available: int, source: MixtureSource, seed: int, where: str) -> list[int]:

@@ -229,6 +229,7 @@ def normalize_preference_rows(rows: Rows, fmt: str | None = None, skip_invalid: 
     normalized, chosen = normalize_rows(rows, fmt, normalize, detect_preference_format, PREFERENCE_FORMATS,
                                         skip_invalid)
     pairs = [pair for row in normalized for pair in row["pairs"]]
+    rows.kept = [where for row, where in zip(normalized, rows.kept) for _ in row["pairs"]]
     if not pairs:
         raise DataError(f"{rows.source}: no preference pair (every row's completions tie within the score margin "
                         f"{margin})")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from align.core.artifacts import output_dir, read_json_record
 from align.core.errors import AlignError
 from align.pipeline.export import export_lines
 from align.pipeline.stages import EvalStage, ExportStage, Pipeline
@@ -13,7 +14,6 @@ from align.pipeline.stages import EvalStage, ExportStage, Pipeline
 
 def run_eval_stage(stage: EvalStage, pipeline: Pipeline) -> Path:
     """All suites in one report dir per suite, under RUNDIR/<stage>/<suite>/; report.json of the stage sums them."""
-    from align.core.artifacts import output_dir
     from eval.run import EvalRequest, run_eval
 
     models = [(m, pipeline.path(m)) for m in stage.models]
@@ -33,10 +33,9 @@ def write_report(pipeline: Pipeline, timings: dict[str, float]) -> None:
     for stage in pipeline.recipe.stages:
         if not isinstance(stage, EvalStage):
             continue
-        path = pipeline.rundir / stage.name / "report.json"
-        if not path.is_file():
+        report = read_json_record(pipeline.rundir / stage.name / "report.json")
+        if report is None:
             continue
-        report = json.loads(path.read_text())
         for suite, suite_report in report["suites"].items():
             rows = {m: flat_metrics(suite_report, m) for m in stage.models
                     if m in suite_report.get("results", {})}
@@ -46,12 +45,12 @@ def write_report(pipeline: Pipeline, timings: dict[str, float]) -> None:
             lines += [f"| {m} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in metrics) + " |"
                       for m, r in rows.items()]
             lines.append("")
-    exports = [s for s in pipeline.recipe.stages
-               if isinstance(s, ExportStage) and (pipeline.rundir / s.name / "export.json").is_file()]
+    exports = [(s, record) for s in pipeline.recipe.stages if isinstance(s, ExportStage)
+               and (record := read_json_record(pipeline.rundir / s.name / "export.json")) is not None]
     if exports:
         lines += ["## GGUF files", ""]
-        for stage in exports:
-            lines += export_lines(stage, pipeline, json.loads((pipeline.rundir / stage.name / "export.json").read_text()))
+        for stage, record in exports:
+            lines += export_lines(stage, pipeline, record)
         lines.append("")
     lines += ["## Wall time per stage", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.core.artifacts import is_complete, write_json
+from align.core.artifacts import is_complete, read_json_record, write_json
 from align.core.config import (
     DPORecipe, ModelSpec, SFTRecipe, TrainRecipe, check_trl_keys, load_yaml, parse_set, set_path, validate,
 )
@@ -89,7 +89,7 @@ def run_pipeline(recipe: PipelineRecipe, rundir: Path, start_from: str | None = 
             raise AlignError(f"{flag} {wanted}: no such stage (stages: {', '.join(names)})")
     rundir.mkdir(parents=True, exist_ok=True)
     state_path = rundir / "pipeline.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
+    state = read_state(state_path)
     pipeline = Pipeline(recipe, rundir, resolve_model(recipe.model.name).fingerprint, {})
     forced = False
     say = _say if progress else (lambda _: None)
@@ -117,6 +117,15 @@ def run_pipeline(recipe: PipelineRecipe, rundir: Path, start_from: str | None = 
         write_json(state_path, state)
     write_report(pipeline, timings)
     return rundir
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """pipeline.json: each stage's fingerprint when it last finished, and wall times. Missing, empty or unreadable
+    (a crash while it was written) is a run with no stage known to be up to date, so each is checked again."""
+    state = read_json_record(path) or {}
+    stages, timings = state.get("stages"), state.get("timings_s")
+    return {"stages": stages if isinstance(stages, dict) else {},
+            "timings_s": timings if isinstance(timings, dict) else {}}
 
 
 def _say(message: str) -> None:
@@ -159,5 +168,4 @@ def stage_recipe(cls: type[TrainRecipe], stage: TrainStage, pipeline: Pipeline, 
     # the tracker groups a run's stages: one experiment per run dir, one run per stage (unless the stage names them)
     fields["train"] = {"project": pipeline.rundir.resolve().name, "run_name": stage.name, **fields.get("train", {})}
     return validate(cls, fields, f"stage '{stage.name}'")
-    return run_dpo(recipe)
 

@@ -44,7 +44,7 @@ class TrainStage(StageSpec):
         return self.model_dump(exclude={"name", "kind", "model", *PIPELINE_OWNED}, exclude_unset=True)
 
 
-PIPELINE_OWNED = ("output", "resume", "overwrite")
+PIPELINE_OWNED = ("output", "resume", "overwrite", "force")
 
 
 class SFTStage(TrainStage, SFTRecipe):
@@ -101,6 +101,8 @@ class MergeStage(StageSpec):
     weights: list[float] | list[list[float]] | None = None
     density: float | None = None
     as_adapter: bool = False
+    allow_base_mismatch: bool = False
+    """Merge adapters against a base they were not trained on (refused otherwise)."""
     select: SelectSpec | None = None
     """Required when t or weights list several candidates."""
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 from pathlib import Path
 from typing import Any
 
-from align.core.artifacts import plot_series, write_json
+from align.core.artifacts import OutputDir, plot_series, read_json_record, write_json
 from align.core.errors import AlignError
 from align.pipeline.report import flat_metrics
 from align.pipeline.stages import MergeStage, Pipeline, SelectSpec, split_slice
@@ -21,16 +20,16 @@ log = logging.getLogger(__name__)
 def run_merge_stage(stage: MergeStage, pipeline: Pipeline) -> Path:
     """One merge, or a sweep: every candidate is merged and scored; the best becomes the stage's output and
     `sweep.json`/`sweep.png` beside it record every candidate's metrics."""
+    from align.core.artifacts import output_dir
+
     candidates = stage.candidates()
     out = pipeline.rundir / stage.name
     if len(candidates) == 1:
         return merge_candidate(stage, pipeline, candidates[0], out)
-    scratch = pipeline.rundir / f".{stage.name}.sweep"
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:  # the scratch dir goes whether the sweep finishes or a candidate fails
-        return keep_best_candidate(stage, out, score_candidates(stage, pipeline, candidates, scratch))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with output_dir(out, overwrite=True) as handle:
+        # the candidates live inside the stage's partial dir: a kill leaves them where the next start clears them
+        scored = score_candidates(stage, pipeline, candidates, handle.path / ".sweep")
+        return keep_best_candidate(stage, handle, scored)
 
 
 def score_candidates(stage: MergeStage, pipeline: Pipeline, candidates: list[dict[str, Any]],
@@ -46,22 +45,24 @@ def score_candidates(stage: MergeStage, pipeline: Pipeline, candidates: list[dic
     return scored
 
 
-def keep_best_candidate(stage: MergeStage, out: Path, scored: list[dict[str, Any]]) -> Path:
-    """Move the best-scoring candidate into the stage's output with sweep.json/sweep.png and the sweep in merge.json."""
-    from align.core.artifacts import output_dir
-
+def keep_best_candidate(stage: MergeStage, handle: OutputDir, scored: list[dict[str, Any]]) -> Path:
+    """Move the best-scoring candidate into the stage's output with sweep.json/sweep.png and the sweep in merge.json;
+    the other candidates go with the scratch dir."""
     best = max(range(len(scored)), key=lambda i: (scored[i]["score"], -i))
-    with output_dir(out, overwrite=True) as handle:
-        shutil.rmtree(handle.path)
-        shutil.move(scored[best]["path"], handle.path)
-        sweep = {"selected": scored[best]["candidate"], "select": stage.select.model_dump(),  # type: ignore[union-attr]
-                 "candidates": [{k: v for k, v in s.items() if k != "path"} for s in scored]}
-        write_json(handle.path / "sweep.json", sweep)
-        plot_sweep(handle.path / "sweep.png", scored, best)
-        record = json.loads((handle.path / "merge.json").read_text())
-        record["sweep"] = sweep
-        (handle.path / "merge.json").unlink()
-        return handle.commit("merge.json", record)
+    kept = Path(scored[best]["path"])
+    for item in kept.iterdir():
+        shutil.move(item, handle.path / item.name)
+    shutil.rmtree(kept.parent)
+    sweep = {"selected": scored[best]["candidate"], "select": stage.select.model_dump(),  # type: ignore[union-attr]
+             "candidates": [{k: v for k, v in s.items() if k != "path"} for s in scored]}
+    write_json(handle.path / "sweep.json", sweep)
+    plot_sweep(handle.path / "sweep.png", scored, best)
+    record = read_json_record(handle.path / "merge.json")
+    if record is None:
+        raise AlignError(f"merge sweep: the kept candidate {kept} has no readable merge.json")
+    record["sweep"] = sweep
+    (handle.path / "merge.json").unlink()
+    return handle.commit("merge.json", record)
 
 
 def merge_candidate(stage: MergeStage, pipeline: Pipeline, candidate: dict[str, Any], out: Path) -> Path:
@@ -80,6 +81,7 @@ def merge_candidate(stage: MergeStage, pipeline: Pipeline, candidate: dict[str, 
                            slices=slices,
                            base=pipeline.path(stage.base) if stage.base else None, params=MergeParams(**params),
                            mode="adapter" if stage.as_adapter else "auto", overwrite=True,
+                           allow_base_mismatch=stage.allow_base_mismatch,
                            template_source=str(sft) if (sft := sft_stage_dir(pipeline, stage.name)) else None)
     return run_merge_request(request)
 
@@ -89,7 +91,10 @@ def score_candidate(select: SelectSpec, model: Path, out: Path) -> dict[str, flo
 
     report_dir = run_eval(EvalRequest(suite=select.suite, models=[("candidate", str(model))], output=out,
                                       limit=select.limit, batch_size=select.batch_size, overwrite=True))
-    return flat_metrics(json.loads((report_dir / "report.json").read_text()), "candidate")
+    report = read_json_record(report_dir / "report.json")
+    if report is None:
+        raise AlignError(f"merge sweep: {report_dir} has no readable report.json")
+    return flat_metrics(report, "candidate")
 
 
 def selection_score(metric: str | dict[str, float], metrics: dict[str, float]) -> float:

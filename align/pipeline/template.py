@@ -3,10 +3,9 @@ tokenizer, and merged models take the last SFT stage's tokenizer, so they render
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from align.core.artifacts import is_complete
+from align.core.artifacts import is_complete, read_json_record
 from align.core.template import check_template_contract
 from align.pipeline.stages import Pipeline, SFTStage
 
@@ -15,7 +14,7 @@ def check_sft_template(sft_dir: Path) -> None:
     """The tokenizer DPO will use (the SFT adapter's own) must render and stop exactly as the SFT stage recorded."""
     from align.core.models import load_tokenizer, resolve_model
 
-    recorded = json.loads((sft_dir / "run.json").read_text()).get("template") if (sft_dir / "run.json").is_file() else None
+    recorded = (read_json_record(sft_dir / "run.json") or {}).get("template")
     if recorded:
         check_template_contract(recorded, load_tokenizer(resolve_model(str(sft_dir))), "dpo",
                                 f"the SFT stage ({sft_dir})")

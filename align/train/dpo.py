@@ -41,7 +41,10 @@ from align.core.reference import ReferenceMode
 from align.train.training import (
     attach_lora, check_run_inputs, continued_lora, finished_run, estimated_steps, final_metrics, finish_training,
     log_series, lora_config, evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer,
-    run_record, train, trainer_arguments, training_run,
+    run_config, run_record, train, trainer_arguments, training_run,
+)
+from align.train.truncation import (
+    check_eval_kept, check_prompts_fit, check_truncation, dpo_truncation, numbered, prompt_lengths,
 )
 
 # The step-0 check compares against exact values. Policy and reference run the same weights through the same
@@ -150,6 +153,8 @@ class PreferenceSplits:
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     record: dict[str, Any]
+    locations: list[str]
+    """Where each training pair came from (file and line)."""
 
 
 def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
@@ -160,12 +165,13 @@ def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
     else:
         loaded = load_preference_data(spec.path, spec.format, spec.split, spec.limit, spec.skip_invalid, spec.pairs,
                                       spec.score_margin, spec.config)
-    train, held = loaded.pairs, []
+    train, held, locations = loaded.pairs, [], loaded.raw.kept
     if spec.eval_path:
         held = load_preference_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid, spec.pairs,
                                     spec.score_margin, spec.eval_config).pairs
     elif spec.eval_size > 0:
         train, held = hold_out(train, spec.eval_size, recipe.train_seed, loaded.raw.source)
+        locations, _ = hold_out(locations, spec.eval_size, recipe.train_seed, loaded.raw.source)
     if loaded.raw.skipped:
         import logging
 
@@ -183,7 +189,7 @@ def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
         "eval_fingerprint": fingerprint_rows(held) if held else None,
         "mixture": mixture.sources if mixture else None,
     }
-    return PreferenceSplits(train, held, record)
+    return PreferenceSplits(train, held, record, locations)
 
 
 def preference_mixture(spec: PreferenceDataSpec, seed: int) -> tuple[Mixture, PreferenceData]:
@@ -355,8 +361,9 @@ def check_reference_at_step0(trainer: Any, mode: str, tolerance: float = STEP0_T
     try:
         with torch.no_grad(), trainer.accelerator.autocast():
             loss = float(trainer.compute_loss(model, batch))
-    except ValueError as exc:  # TRL checks loss types only when it first computes the loss
-        raise AlignError(f"DPO settings: {str(exc).splitlines()[0]}") from None
+    except (ValueError, NotImplementedError) as exc:  # TRL checks loss types only when it first computes the loss
+        raise_settings_error(exc)
+        raise
     finally:
         model.train(was_training)
     logged = trainer._metrics["eval"]  # TRL files metrics under "eval" when the model is not training
@@ -378,6 +385,28 @@ def check_reference_at_step0(trainer: Any, mode: str, tolerance: float = STEP0_T
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
+
+
+# Where TRL checks DPO settings: DPOConfig's and DPOTrainer's constructors, and the loss computation (loss types).
+TRL_SETTINGS_CHECKS = {("dpo_config.py", "__post_init__"), ("dpo_trainer.py", "__init__"),
+                       ("dpo_trainer.py", "_compute_loss")}
+
+
+def raise_settings_error(exc: BaseException) -> None:
+    """A ValueError that one of TRL's own settings checks raised (a `raise` statement in one of
+    `TRL_SETTINGS_CHECKS`) becomes `DPO settings: <TRL's message>`; anything else (a data or tensor error, which
+    surfaces through the same calls) is left as it is, so it is reported as what it is."""
+    import linecache
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return
+    code = tb.tb_frame.f_code
+    raised_here = linecache.getline(code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
+    if raised_here and (Path(code.co_filename).name, code.co_name) in TRL_SETTINGS_CHECKS:
+        raise AlignError(f"DPO settings: {str(exc).splitlines()[0]}") from None
 
 
 def dpo_config(args: dict[str, Any]) -> Any:
@@ -425,7 +454,6 @@ def library_bars_as_transformers() -> Iterator[None]:
 
 def build_trainer(recipe: DPORecipe, policy: ResolvedModel, reference: ReferencePlan, tokenizer: Any, config: Any,
                   data: PreferenceSplits, gradient_checkpointing: bool, callbacks: list[Any]) -> Any:
-    from datasets import Dataset
     from trl import DPOTrainer
 
     model, peft_config = load_policy(policy, recipe, tokenizer, gradient_checkpointing, int(config.seed))
@@ -437,14 +465,15 @@ def build_trainer(recipe: DPORecipe, policy: ResolvedModel, reference: Reference
                 ref_model=ref_model,
                 args=config,
                 data_collator=preference_collator(recipe, config, tokenizer),
-                train_dataset=Dataset.from_list(data.train),
-                eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+                train_dataset=numbered(data.train),
+                eval_dataset=numbered(data.eval) if data.eval else None,
                 processing_class=tokenizer,
                 peft_config=peft_config,
                 callbacks=callbacks,
             )
-    except ValueError as exc:  # TRL's own checks on loss type, label smoothing, lm_head targets, ...
-        raise AlignError(f"DPO settings: {str(exc).splitlines()[0]}") from None
+    except (ValueError, NotImplementedError) as exc:
+        raise_settings_error(exc)
+        raise
     prepare_reference(trainer, reference)
     return quiet_trainer(trainer)
 
@@ -468,18 +497,23 @@ def run_dpo(recipe: DPORecipe, progress: bool = True) -> Path:
     evaluate_at_saves(args, bool(data.eval), recipe.train)
     config = dpo_config(args)
 
-    with training_run(recipe, out) as run:
-        handle, stop, checkpoint = run.handle, run.stop, run.checkpoint
+    check_prompts_fit(prompt_lengths(tokenizer, data.train), data.locations, config.max_length,
+                      config.truncation_mode)
+
+    with training_run(recipe, out, run_config(recipe, policy, args, data.record)) as run:
+        handle, checkpoint = run.handle, run.checkpoint
         with timer.phase("load_model"):
             set_seed(int(args["seed"]))  # LoRA init (here or inside TRL for --ref base) draws from the global RNG
             trainer = build_trainer(recipe, policy, reference, tokenizer, config, data, plan.gradient_checkpointing,
-                                    [progress_callback(steps, progress and run.writer), stop.callback()])
+                                    [progress_callback(steps, progress and run.writer), *run.callbacks()])
+        data.record["truncation"] = check_truncation(dpo_truncation(trainer, len(data.train), data.locations), None)
+        check_eval_kept(trainer, len(data.eval))
         # before train() loads any checkpoint, so a resumed run checks the same starting point
         with timer.phase("step0_check"):
             step0 = check_reference_at_step0(trainer, reference.mode)
         with timer.phase("train"):
             output = train(trainer, checkpoint, handle.path)
-        stop.raise_if_stopped(trainer.state.global_step, str(handle.path))
+        run.raise_if_stopped(trainer.state.global_step)
         if data.eval:
             with timer.phase("eval"):
                 trainer.evaluate()
@@ -490,7 +524,7 @@ def run_dpo(recipe: DPORecipe, progress: bool = True) -> Path:
                             {**timer.phases, "total": timer.total()}, trainer.model,
                             extra={"reference": reference.describe(), "beta": float(config.beta),
                                    "loss_type": list(config.loss_type), "step0_check": step0,
-                                   "resumed_from": checkpoint})
+                                   "resumed_from": checkpoint, "resume": run.resume})
         plots = {"loss.png": log_series(history, "loss", "eval_loss"),
                  "rewards.png": log_series(history, *REWARD_KEYS)}
         return finish_training(handle, "dpo", trainer, tokenizer, recipe, policy, record, plots)

@@ -815,13 +815,17 @@ def packing_speedup(shape: ModelShape, lengths: list[int], batch: int, max_lengt
 
 
 def available_memory(device: str) -> int:
-    """Total memory of the device a run would use: the GPU's, or the machine's RAM."""
+    """Total memory of the device a run would use: the GPU's, or the machine's RAM. A process capped with
+    `torch.cuda.set_per_process_memory_fraction` (a GPU shared with other jobs) plans within its cap: the caching
+    allocator refuses to reserve beyond total x fraction, and the CUDA context lies outside that count."""
     import os
 
     if device == "cuda":
         import torch
 
-        return int(torch.cuda.get_device_properties(0).total_memory) - CUDA_CONTEXT
+        total = int(torch.cuda.get_device_properties(0).total_memory)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(0)
+        return min(total - CUDA_CONTEXT, int(total * fraction))
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

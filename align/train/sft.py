@@ -19,9 +19,10 @@ from align.core.models import LoadOptions, load_model, load_tokenizer, resolve_m
 from align.core.template import template_contract
 from align.train.training import (
     attach_lora, check_run_inputs, continued_lora, finished_run, estimated_steps, evaluate_at_saves, final_metrics,
-    finish_training, log_series, plan_machine, progress_callback, quiet_trainer, run_record, train, trainer_arguments,
-    training_run,
+    finish_training, log_series, plan_machine, progress_callback, quiet_trainer, run_config, run_record, train,
+    trainer_arguments, training_run,
 )
+from align.train.truncation import check_eval_kept, check_truncation, numbered, shortest_keeping, sft_truncation
 
 
 @dataclass
@@ -29,6 +30,8 @@ class SFTData:
     train: list[dict[str, list[int]]]
     eval: list[dict[str, list[int]]]
     record: dict[str, Any]
+    locations: list[str]
+    """Where each training row came from (file and line)."""
 
 
 def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
@@ -37,12 +40,14 @@ def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
     mixture = sft_mixture(spec, recipe.train_seed) if spec.mixture else None
     rows, fmt, raw = mixture.as_loaded() if mixture else load_sft_data(spec.path, spec.format, spec.split, spec.limit,
                                                                        spec.skip_invalid, spec.config)
+    locations = raw.kept
     eval_rows: list[dict[str, Any]] = []
     if spec.eval_path:
         eval_rows, _, _ = load_sft_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid,
                                         spec.eval_config)
     elif spec.eval_size > 0:
         rows, eval_rows = hold_out(rows, spec.eval_size, recipe.train_seed, raw.source)
+        locations, _ = hold_out(locations, spec.eval_size, recipe.train_seed, raw.source)
     train = tokenize_sft_rows(tokenizer, rows, spec.loss_on)
     if not any(any(label != -100 for label in t["labels"]) for t in train):
         raise AlignError(f"{spec.path}: no row has any token to learn from (loss_on={spec.loss_on})")
@@ -55,14 +60,12 @@ def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
         "fingerprint": fingerprint_rows(rows),
         "eval_fingerprint": fingerprint_rows(eval_rows) if eval_rows else None,
         "mixture": mixture.sources if mixture else None,
-        "train_tokens": sum(len(t["input_ids"]) for t in train),
-        "loss_tokens": sum(sum(1 for x in t["labels"] if x != -100) for t in train),
     }
     if raw.skipped:
         import logging
 
         logging.getLogger(__name__).warning("skipped %d invalid rows (first: %s)", raw.skipped, raw.problems[0])
-    return SFTData(train, tokenize_sft_rows(tokenizer, eval_rows, spec.loss_on), record)
+    return SFTData(train, tokenize_sft_rows(tokenizer, eval_rows, spec.loss_on), record, locations)
 
 
 def sft_mixture(spec: DataSpec, seed: int) -> Mixture:
@@ -72,7 +75,6 @@ def sft_mixture(spec: DataSpec, seed: int) -> Mixture:
         return normalized, fmt
 
     return mix_sources(spec.mixture or [], normalize, seed, spec.limit)
-
 
 
 def sft_config(args: dict[str, Any]) -> Any:
@@ -86,7 +88,6 @@ def sft_config(args: dict[str, Any]) -> Any:
 
 def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
     """Train a LoRA adapter as the recipe says; return the finished output dir."""
-    from datasets import Dataset
     from trl import SFTTrainer
 
     out = check_run_inputs(recipe)
@@ -106,8 +107,8 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
     evaluate_at_saves(args, bool(data.eval), recipe.train)
     config = sft_config(args)
 
-    with training_run(recipe, out) as run:
-        handle, stop, checkpoint = run.handle, run.stop, run.checkpoint
+    with training_run(recipe, out, run_config(recipe, resolved, args, data.record)) as run:
+        handle, checkpoint = run.handle, run.checkpoint
         with timer.phase("load_model"):
             options = LoadOptions(recipe.model.dtype, recipe.model.attn, recipe.model.quantize)
             model = load_model(resolved, options, tokenizer, adapter="trainable")
@@ -115,18 +116,22 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
         trainer = quiet_trainer(SFTTrainer(
             model=model,
             args=config,
-            train_dataset=Dataset.from_list(data.train),
-            eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+            train_dataset=numbered(data.train),
+            eval_dataset=numbered(data.eval) if data.eval else None,
             processing_class=tokenizer,
-            callbacks=[progress_callback(steps, progress and run.writer), stop.callback()],
+            callbacks=[progress_callback(steps, progress and run.writer), *run.callbacks()],
         ))
+        data.record["truncation"] = check_truncation(sft_truncation(trainer, data.train, data.locations),
+                                                     shortest_keeping(data.train[0]["labels"], config.truncation_mode))
+        check_eval_kept(trainer, len(data.eval))
         with timer.phase("train"):
             output = train(trainer, checkpoint, handle.path)
-        stop.raise_if_stopped(trainer.state.global_step, str(handle.path))
+        run.raise_if_stopped(trainer.state.global_step)
         history = [h for h in trainer.state.log_history]
         metrics = final_metrics(history, output)
         record = run_record("sft", recipe, resolved, plan, args, data.record, history, metrics,
                             {**timer.phases, "total": timer.total()}, trainer.model,
-                            extra={"resumed_from": checkpoint, "template": template_contract(tokenizer, model)})
+                            extra={"resumed_from": checkpoint, "resume": run.resume,
+                                   "template": template_contract(tokenizer, model)})
         plots = {"loss.png": log_series(history, "loss", "eval_loss")}
         return finish_training(handle, "sft", trainer, tokenizer, recipe, resolved, record, plots)

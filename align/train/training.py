@@ -7,7 +7,6 @@ We wrap TRL's trainers and configure them; we do not subclass them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -23,8 +22,9 @@ import torch
 
 from align.core.artifacts import OutputDir, plot_series, provenance
 from align.core.config import LoraSpec, ModelSpec, TrainRecipe, recipe_dict
-from align.core.errors import AlignError
+from align.core.errors import AlignError, os_error_in, raise_write_error
 from align.core.models import Precision, ResolvedModel, model_summary, pick_precision
+from align.train.divergence import FiniteGuard
 
 
 
@@ -479,8 +479,13 @@ def progress_callback(total_steps: int, enabled: bool = True) -> Any:
                 self.bar.set_postfix(shown, refresh=False)
 
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.close_bar()
+
+        def close_bar(self) -> None:
+            """Also called by `train` when training raises, so the error starts on a line of its own."""
             if self.bar is not None:
                 self.bar.close()
+                self.bar = None
 
     return ProgressBar()
 
@@ -544,19 +549,35 @@ def resume_checkpoint(workdir: Path, resume: bool, delete_broken: bool = True) -
 
 @dataclass
 class TrainingRun:
-    """What a training command holds while it runs: its output dir, the signal guard, whether this process
-    writes, and the checkpoint it resumes from."""
+    """What a training command holds while it runs: its output dir, the signal guard, the non-finite guard, whether
+    this process writes, the checkpoint it resumes from (and how its config compares), and the callbacks that carry
+    all of it into the Trainer."""
 
     handle: OutputDir
     stop: Any
+    guard: FiniteGuard
     writer: bool
     checkpoint: str | None
+    resume: dict[str, Any] | None
+    """run.json's `resume`: the checkpoint, and under --force the keys that differ and both configs."""
+    config: dict[str, Any]
+
+    def callbacks(self) -> list[Any]:
+        return [self.stop.callback(), self.guard.callback(), run_config_callback(self.config)]
+
+    def raise_if_stopped(self, step: int) -> None:
+        """After `train()`: a diverged run (no adapter; its last finite checkpoint stays) or a signal (a checkpoint
+        to resume from) ends the command here."""
+        finite = complete_checkpoints(self.handle.path)
+        self.guard.raise_if_diverged(str(finite[-1]) if finite else None)
+        self.stop.raise_if_stopped(step, str(self.handle.path))
 
 
 @contextlib.contextmanager
-def training_run(recipe: TrainRecipe, out: Path) -> Iterator[TrainingRun]:
-    """The output dir (kept after a crash once it holds a checkpoint), SIGINT/SIGTERM turned into a clean stop,
-    and the last complete checkpoint when resuming. Only the main process of a distributed run writes."""
+def training_run(recipe: TrainRecipe, out: Path, config: dict[str, Any]) -> Iterator[TrainingRun]:
+    """The output dir (locked; kept after a crash once it holds a checkpoint), SIGINT/SIGTERM turned into a clean
+    stop, and the last complete checkpoint when resuming, refused when it was trained under another `config`
+    (`run_config`) unless --force. Only the main process of a distributed run writes."""
     from align.core.artifacts import output_dir
     from align.core.runtime import GracefulStop, is_main_process
 
@@ -564,7 +585,102 @@ def training_run(recipe: TrainRecipe, out: Path) -> Iterator[TrainingRun]:
     stop = GracefulStop()
     with output_dir(out, recipe.overwrite, recipe.resume, keep_on_error=True, writer=writer) as handle, \
             stop.installed():
-        yield TrainingRun(handle, stop, writer, resume_checkpoint(handle.path, recipe.resume, delete_broken=writer))
+        checkpoint = resume_checkpoint(handle.path, recipe.resume, delete_broken=writer)
+        resume = check_resume(checkpoint, config, recipe.force)
+        yield TrainingRun(handle, stop, FiniteGuard(), writer, checkpoint, resume, config)
+
+
+# ---- what a resumed run must share with its checkpoint ----------------------------------------------------------
+
+
+# Trainer arguments that cannot change what a run computes, so a resumed run may change them: where and how often
+# it logs, evaluates, saves and reports, how the data is fed in, and recomputation (the same math, less memory).
+RESUME_FREE = frozenset({
+    "output_dir", "logging_dir", "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter",
+    "save_steps", "save_strategy", "save_total_limit", "save_only_model", "eval_steps", "eval_strategy",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "report_to", "run_name", "project", "trackio_space_id",
+    "disable_tqdm", "include_num_input_tokens_seen", "dataloader_num_workers", "dataloader_pin_memory",
+    "ddp_find_unused_parameters", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "torch_compile",
+    *CHECKPOINTING_FLAGS, *CHECKPOINTING_KWARGS,
+})
+# Recipe fields that steer the command rather than the training, and paths whose content the fingerprints stand for
+# (a model or data file moved elsewhere is the same run).
+RESUME_FREE_FIELDS = ("output", "resume", "overwrite", "force", "report_to", "train", "adapter", "model.name",
+                      "data.path", "data.eval_path", "data.mixture")
+RUN_CONFIG_CALLBACK = "RunConfig"
+
+
+def run_config(recipe: TrainRecipe, resolved: ResolvedModel, trainer_args: dict[str, Any],
+               data: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides what a run computes, as flat keys (`lora.r`, `train.learning_rate`,
+    `data.fingerprint`): the recipe, the trainer arguments as resolved for the machine (batch layout, precision),
+    and fingerprints of the model (an SFT adapter included) and the data. Each checkpoint stores it; `--resume`
+    compares."""
+    fields = {key: value for key, value in flatten(recipe_dict(recipe)).items()
+              if not any(key == free or key.startswith(free + ".") for free in RESUME_FREE_FIELDS)}
+    config = {**fields, "model.fingerprint": resolved.fingerprint, "data.fingerprint": data.get("fingerprint"),
+              "data.eval_fingerprint": data.get("eval_fingerprint"),
+              **{f"train.{key}": value for key, value in trainer_args.items() if key not in RESUME_FREE}}
+    return json.loads(json.dumps(config, sort_keys=True, default=str))  # as it reads back from the checkpoint
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_config_callback(config: dict[str, Any]) -> Any:
+    """Stores `config` in every checkpoint's trainer_state.json (the Trainer's `ExportableState`), so it is written
+    with the file that marks the checkpoint complete. It sits beside the `args` and `attributes` the Trainer would
+    restore (with train.restore_callback_states_from_checkpoint), so a resumed run always stores its own."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class RunConfig(TrainerCallback, ExportableState):
+        def state(self) -> dict[str, Any]:
+            return {"args": {}, "attributes": {}, "config": config}
+
+    assert RunConfig.__name__ == RUN_CONFIG_CALLBACK
+    return RunConfig()
+
+
+def checkpoint_config(checkpoint: Path) -> dict[str, Any] | None:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())  # complete_checkpoints checked it reads
+    stored = (state.get("stateful_callbacks") or {}).get(RUN_CONFIG_CALLBACK)
+    return stored.get("config") if isinstance(stored, dict) else None
+
+
+def check_resume(checkpoint: str | None, config: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """Resume only what was trained under the same config: otherwise the first steps follow one recipe and the rest
+    another, while run.json records only the second. --force continues anyway and run.json keeps both."""
+    if checkpoint is None:
+        return None
+    stored = checkpoint_config(Path(checkpoint))
+    if stored is None:
+        if not force:
+            raise AlignError(f"--resume: {checkpoint} does not record the settings it was trained with, so resuming "
+                             "cannot be checked (pass --force to resume it anyway)")
+        differs = ["(not recorded)"]
+    else:
+        differs = sorted(k for k in set(config) | set(stored) if config.get(k) != stored.get(k))
+        if differs and not force:
+            shown = ", ".join(_difference(key, stored.get(key), config.get(key)) for key in differs)
+            raise AlignError(f"--resume: {checkpoint} was trained with other settings: {shown}; resume with the "
+                             "settings it was trained with, or pass --force to continue under the new ones")
+    record: dict[str, Any] = {"checkpoint": checkpoint, "forced": bool(differs), "differs": differs}
+    if differs:
+        record.update(checkpoint_config=stored, config=config)
+    return record
+
+
+def _difference(key: str, old: Any, new: Any) -> str:
+    values = f"{json.dumps(old)} -> {json.dumps(new)}"
+    return f"{key} ({values})" if len(values) <= 60 else key
 
 
 def evaluate_at_saves(args: dict[str, Any], has_eval: bool, train: dict[str, Any]) -> None:
@@ -573,20 +689,21 @@ def evaluate_at_saves(args: dict[str, Any], has_eval: bool, train: dict[str, Any
         args.update(eval_strategy="steps", eval_steps=args.get("save_steps", 100))
 
 
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
-
-
 def train(trainer: Any, checkpoint: str | None, workdir: Path) -> Any:
-    """`trainer.train`, with a full disk or a denied write (the Trainer saves checkpoints as it goes) turned into
-    one line; the previous output, if any, is untouched because it is only replaced at commit."""
+    """`trainer.train`, with a full disk or a denied write (the Trainer saves checkpoints as it goes, safetensors
+    reports it as `os error 28`) turned into one line naming the dir; the previous output, if any, is untouched
+    because it is only replaced at commit."""
     try:
         return trainer.train(resume_from_checkpoint=checkpoint)
-    except OSError as exc:
-        if exc.errno in WRITE_ERRNOS:
-            raise AlignError(f"cannot write to {workdir}: {exc.strerror}") from None
-        raise
     except torch.OutOfMemoryError:
         raise AlignError(out_of_memory_message(trainer)) from None
+    except Exception as exc:
+        raise_write_error(exc, workdir)
+        raise
+    finally:
+        for callback in trainer.callback_handler.callbacks:
+            if hasattr(callback, "close_bar"):  # the progress bar
+                callback.close_bar()
 
 
 def out_of_memory_message(trainer: Any) -> str:
@@ -626,8 +743,11 @@ def save_adapter(model: Any, tokenizer: Any, path: Path) -> None:
     try:
         unwrapped.save_pretrained(str(path), selected_adapters=["default"], safe_serialization=True)
         tokenizer.save_pretrained(str(path))
-    except OSError as exc:
-        raise AlignError(f"cannot save the adapter to {path}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        cause = os_error_in(exc)
+        if cause is None:
+            raise
+        raise AlignError(f"cannot save the adapter to {path}: {cause.strerror or cause}") from None
 
 
 def write_model_card(path: Path, stage: str, recipe: TrainRecipe, resolved: ResolvedModel, metrics: dict[str, Any]) -> None:
