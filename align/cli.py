@@ -8,9 +8,10 @@ from typing import Any
 import click
 
 from align import __version__
-from align.core.clitools import CONTEXT_SETTINGS, debug_option, handle_errors
-from align.core.config import DPORecipe, SFTRecipe, build_recipe
+from align.core.clitools import CONTEXT_SETTINGS, OneLineGroup, debug_option, handle_errors
+from align.core.config import build_recipe
 from align.core.options import ShownDefaultOption, recipe_flags, recipe_option, recipe_options
+from align.train.methods import METHODS, TrainingMethod
 
 CONTEXT = CONTEXT_SETTINGS
 
@@ -44,59 +45,50 @@ def recipe_file(recipe: str | None, ctx: click.Context) -> str | None:
     return recipe or config
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=OneLineGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", "-V", prog_name="align")
 def main() -> None:
     """alignmerge: LoRA SFT, DPO with the adapter as its own reference, merging and evaluation."""
 
 
-@main.command(context_settings=CONTEXT)
-@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@recipe_options(SFTRecipe)
-@command_options
-@click.pass_context
-@handle_errors
-def sft(ctx: click.Context, recipe: str | None, num_processes: int | None, dry_run: bool, sets: tuple[str, ...],
-        debug: bool, **_: Any) -> None:
-    """Supervised fine-tuning of a LoRA adapter. RECIPE is an optional YAML with model/data/lora/train sections;
-    `train` takes any SFTConfig field."""
-    relaunch_if_asked(num_processes)
-    from trl import SFTConfig
+def training_command(method: TrainingMethod) -> click.Command:
+    """`align NAME` for a training method of the registry: its recipe's flags, the shared command options, and a
+    call of its run function."""
 
-    built = build_recipe(SFTRecipe, recipe_file(recipe, ctx), recipe_flags(ctx), sets, trl_config=SFTConfig)
-    if dry_run:
-        click.echo(dry_run_plan(built, "sft"))
-        return
-    from align.train.sft import run_sft
+    @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+    @recipe_options(method.recipe)
+    @command_options
+    @reference_free_guard(method)
+    @click.pass_context
+    @handle_errors
+    def command(ctx: click.Context, recipe: str | None, num_processes: int | None, dry_run: bool,
+                sets: tuple[str, ...], debug: bool, **_: Any) -> None:
+        relaunch_if_asked(num_processes)
+        built = build_recipe(method.recipe, recipe_file(recipe, ctx), recipe_flags(ctx), sets,
+                             trl_config=method.config_class())
+        if dry_run:
+            click.echo(dry_run_plan(built, method))
+            return
+        report_written("adapter", method.run(built))
 
-    out = run_sft(built)
-    report_written("adapter", out)
+    return click.command(method.name, context_settings=CONTEXT, help=method.summary)(command)
 
 
-@main.command(context_settings=CONTEXT)
-@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@recipe_options(DPORecipe)
-@command_options
-@click.pass_context
-@handle_errors
-def dpo(ctx: click.Context, recipe: str | None, num_processes: int | None, dry_run: bool, sets: tuple[str, ...],
-        debug: bool, **_: Any) -> None:
-    """Preference alignment (DPO) of a LoRA adapter, with the SFT adapter as its own reference.
+def reference_free_guard(method: TrainingMethod) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A method with no reference refuses `--ref` in one line that says why (click would name only the flag)."""
+    if method.reference:
+        return lambda fn: fn
 
-    RECIPE is an optional YAML with model/data/lora/train sections plus adapter, ref, max_prompt_length and
-    max_completion_length; `train` takes any DPOConfig field.
-    """
-    relaunch_if_asked(num_processes)
-    from trl import DPOConfig
+    def refuse(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            raise click.UsageError(f"--ref {value}: {method.name} has no reference model (it is reference-free); "
+                                   "drop --ref", ctx)
 
-    built = build_recipe(DPORecipe, recipe_file(recipe, ctx), recipe_flags(ctx), sets, trl_config=DPOConfig)
-    if dry_run:
-        click.echo(dry_run_plan(built, "dpo", built.ref))
-        return
-    from align.train.dpo import run_dpo
+    return click.option("--ref", hidden=True, expose_value=False, callback=refuse)
 
-    out = run_dpo(built)
-    report_written("adapter", out)
+
+for _method in METHODS.values():
+    main.add_command(training_command(_method))
 
 
 def report_written(what: str, out: Any) -> None:
@@ -118,10 +110,10 @@ def relaunch_if_asked(num_processes: int | None) -> None:
         sys.exit(relaunch_with_accelerate(num_processes))
 
 
-def dry_run_plan(recipe: Any, stage: str, ref: str | None = None) -> str:
+def dry_run_plan(recipe: Any, method: TrainingMethod) -> str:
     from align.train.estimate import format_plan, plan_from_recipe
 
-    return format_plan(plan_from_recipe(recipe, stage, ref))
+    return format_plan(plan_from_recipe(recipe, method.name, method.reference_mode(recipe)))
 
 
 @main.group(context_settings=CONTEXT)

@@ -11,6 +11,7 @@ from align.core.errors import AlignError
 from align.core.options import recipe_option
 from align.core.reference import REFERENCE_MODES
 from align.train.estimate import Plan, TrainSetup, format_plan, load_shape, parse_size, plan_json, plan_with_budget
+from align.train.methods import METHODS
 
 
 def estimate(model: str, budget: str | None = None, dtype: str = "auto", device: str = "auto", **settings: Any) -> Plan:
@@ -36,7 +37,7 @@ def estimate(model: str, budget: str | None = None, dtype: str = "auto", device:
 @recipe_option("lora.r", "--lora-r", type=int)
 @recipe_option("lora.target_modules", "--lora-targets", help="all-linear, or comma-separated module names (q_proj,v_proj).")
 @recipe_option("lora.dropout", "--lora-dropout", type=float,
-               help="LoRA dropout (planned as 0 for --stage dpo, whose DPOConfig.disable_dropout zeroes it).")
+               help="LoRA dropout (planned as 0 for the preference stages, whose TRL configs' disable_dropout zeroes it).")
 @click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA.")
 @recipe_option("train.optim", "--optim",
                help="adamw_torch_fused, adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, adafactor, sgd.")
@@ -47,10 +48,11 @@ def estimate(model: str, budget: str | None = None, dtype: str = "auto", device:
 @recipe_option("model.attn", "--attn", type=click.Choice(["sdpa", "eager", "flash"]))
 @click.option("--loss-head", type=click.Choice(["chunked", "full"]), default="chunked", show_default=True,
               help="chunked: TRL's fused LM head; full: materialized logits.")
-@click.option("--stage", type=click.Choice(["sft", "dpo"]), default="sft", show_default=True)
+@click.option("--stage", type=click.Choice(list(METHODS)), default="sft", show_default=True,
+              help="The training method (an `align` command).")
 @click.option("--ref", type=click.Choice(REFERENCE_MODES), default="adapter", show_default=True,
-              help="DPO reference: the frozen SFT adapter, the base (planned as adapter), log-probs precomputed, or "
-                   "a second model copy.")
+              help="The reference of a method that has one (dpo): the frozen SFT adapter, the base (planned as "
+                   "adapter), log-probs precomputed, or a second model copy.")
 @click.option("--num-processes", type=int, default=1, show_default=True)
 @click.option("--zero", type=click.Choice(["0", "2", "3"]), default="0", show_default=True)
 @recipe_option("model.dtype", "--dtype")
@@ -64,8 +66,9 @@ def estimate_command(model: str, quantize: str, lora_r: int, lora_targets: str, 
                      attn: str, loss_head: str, stage: str, ref: str, num_processes: int, zero: str, dtype: str,
                      device: str, budget: str | None, as_json: bool, debug: bool) -> None:
     """Predict the peak memory of a training run from the model's config alone, term by term."""
-    if ref != "adapter" and stage != "dpo":
-        raise AlignError(f"--ref {ref} applies to --stage dpo only")
+    if ref != "adapter" and not METHODS[stage].reference:
+        raise AlignError(f"--ref {ref}: --stage {stage} has no reference model "
+                         f"(methods with one: {', '.join(m.name for m in METHODS.values() if m.reference)})")
     targets: str | tuple[str, ...] = lora_targets if lora_targets == "all-linear" else tuple(
         t.strip() for t in lora_targets.split(",") if t.strip())
     plan = estimate(

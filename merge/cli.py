@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from align.core.clitools import CONTEXT_SETTINGS, comma_floats, debug_option, handle_errors
+from align.core.clitools import CONTEXT_SETTINGS, OneLineGroup, comma_floats, debug_option, handle_errors
 from merge.methods import DEFAULT_DENSITY, METHODS, PARAMETERS, MergekitMethod, MergeParams, Option
 from merge.run import MergeRequest, run_config_file, run_merge_request
 
@@ -86,7 +86,7 @@ def _done(path: Path) -> None:
 
 
 # mergekit's spelling works too (`merge model_stock ... --select_topk`): the YAML name and the subcommand are one word
-@click.group(context_settings={**CONTEXT_SETTINGS, "token_normalize_func": lambda token: token.replace("_", "-")})
+@click.group(cls=OneLineGroup, context_settings={**CONTEXT_SETTINGS, "token_normalize_func": lambda token: token.replace("_", "-")})
 def main() -> None:
     """Merge models or LoRA adapters: linear, SLERP, layer stacking, task arithmetic, TIES, DARE and every other
     mergekit method (via mergekit)."""

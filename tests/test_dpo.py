@@ -124,21 +124,47 @@ def test_reference_check_reports_its_figures_when_right(tiny_model_dir, sft_adap
     assert abs(check["rewards/chosen"]) <= check["tolerance"] and abs(check["rewards/rejected"]) <= check["tolerance"]
 
 
-@pytest.mark.parametrize(("loss_type", "extra"), [("ipo", {}), ("hinge", {}), ("robust", {"label_smoothing": 0.1})])
-def test_loss_types_pass_through_and_start_at_their_step0_value(loss_type, extra, tiny_model_dir, sft_adapter, tmp_path):
-    spec = recipe(tiny_model_dir, prefs(tmp_path), tmp_path / "out", sft_adapter, max_steps=1, loss_type=[loss_type],
-                  beta=0.2, **extra)
+def test_a_loss_type_passes_through_and_starts_at_its_step0_value(tiny_model_dir, sft_adapter, tmp_path):
+    spec = recipe(tiny_model_dir, prefs(tmp_path), tmp_path / "out", sft_adapter, max_steps=1, loss_type=["ipo"],
+                  beta=0.2)
     record = record_of(run_dpo(spec, progress=False))
-    assert record["loss_type"] == [loss_type] and record["beta"] == 0.2
-    expected = {"ipo": (1 / 0.4) ** 2, "hinge": 1.0, "robust": math.log(2)}[loss_type]
-    assert record["step0_check"]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert record["loss_type"] == ["ipo"] and record["beta"] == 0.2
+    assert record["step0_check"]["passed"] and record["step0_check"]["expected_loss"] is not None
 
 
-def test_step0_loss_table():
-    assert step0_loss(["sigmoid"], None, 0.1) == pytest.approx(math.log(2))
-    assert step0_loss(["sigmoid", "hinge"], [0.5, 2.0], 0.1) == pytest.approx(0.5 * math.log(2) + 2.0)
-    assert step0_loss(["ipo"], None, 0.5) == pytest.approx(1.0)
-    assert step0_loss(["sft"], None, 0.1) is None  # the NLL of the data: no constant to compare against
+def test_every_installed_loss_type_starts_at_its_step0_value(tiny_model_dir, sft_adapter, tmp_path, monkeypatch):
+    """For every loss type the installed DPOConfig lists, the step-0 check of a right reference passes: the loss TRL
+    computes with the policy equal to its reference is STEP0_LOSS's value for it (TRL's formulas are the oracle), and
+    only `sft` (the data's NLL) goes without one."""
+    import align.train.dpo as dpo
+    from trl import DPOConfig
+
+    from align.core.trl_fields import field_choices
+
+    installed = field_choices(DPOConfig, "loss_type")
+    checked: dict[str, dict] = {}
+    real = dpo.check_reference_at_step0
+
+    def every_loss_type(trainer, mode, *args):
+        saved = trainer.loss_types, trainer.loss_weights, trainer.label_smoothing
+        for loss_type in installed:
+            trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+            trainer.label_smoothing = 1e-3 if loss_type == "exo_pair" else 0.0  # EXO needs its epsilon
+            checked[loss_type] = real(trainer, mode)
+        trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = saved
+        return real(trainer, mode)
+
+    monkeypatch.setattr(dpo, "check_reference_at_step0", every_loss_type)
+    run_dpo(recipe(tiny_model_dir, prefs(tmp_path), tmp_path / "out", sft_adapter, max_steps=1, beta=0.2),
+            progress=False)
+    assert set(checked) == set(installed) and all(c["passed"] for c in checked.values())
+    assert [t for t, c in checked.items() if c["expected_loss"] is None] == ["sft"]
+    assert len({round(c["expected_loss"], 6) for c in checked.values() if c["expected_loss"]}) > 4  # not one value
+
+
+def test_weighted_and_nll_losses_have_no_step0_constant():
+    assert step0_loss(["sigmoid"], None, 0.1, weighted=True) is None
+    assert step0_loss(["sigmoid", "sft"], [1.0, 1.0], 0.1) is None
 
 
 def test_length_limits_keep_the_prompt_end_and_the_completion_start():
@@ -193,7 +219,7 @@ def test_cli_runs_and_records_flags(tiny_model_dir, sft_adapter, tmp_path):
     (["--ref", "adapter"], "--ref adapter needs the SFT adapter"),
     (["--ref", "modle:x"], "ref: Value error, expected (auto, )?adapter, base, precompute or model:PATH"),
     (["--set", "train.bta=0.1"], "unknown key 'train.bta'.*did you mean 'beta'"),
-    (["--loss-type", "sigmoidd"], "DPO settings: Unknown loss type|invalid train settings"),
+    (["--loss", "sigmoidd"], "train.loss_type: expected one of sigmoid, hinge"),  # before the model loads
     (["--adapter", "ADAPTER", "--ref", "base"], "--ref base with an SFT adapter"),
     (["--adapter", "MODEL"], "not a PEFT adapter dir"),
     (["--adapter", "ADAPTER", "--model", "OTHER"], "was trained on .*, not on --model"),

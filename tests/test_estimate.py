@@ -251,7 +251,7 @@ def test_cli_prints_the_plan_and_json(tiny_model_dir):
     (["--batch-size", "0"], "--batch-size"),
     (["--quantize", "4bit", "--full"], "--quantize needs LoRA"),
     (["--optim", "adamm"], "unknown --optim"),
-    (["--ref", "model"], "--stage dpo"),
+    (["--ref", "model"], "has no reference model"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tiny_model_dir, args, words):
     if args[0] != "--model":

@@ -114,6 +114,26 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class OneLineGroup(click.Group):
+    """A command group whose usage errors (an unknown option, a bad choice, a missing argument) are one `error:`
+    line and exit 2 like every other bad input, instead of click's three lines of usage."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else self.name
+            click.echo(f"error: {one_line(exc.format_message())} (`{command} --help` lists the options)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
 def comma_floats(value: str | None, name: str) -> list[float] | None:
     """Parse `0.7,0.3` into floats, naming the option on error."""
     if value is None:

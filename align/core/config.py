@@ -38,6 +38,9 @@ class Flag:
     """The value is comma-separated into a list, except the values in `keep`."""
     keep: tuple[str, ...] = ()
     metavar: str | None = None
+    trl_choices: str | None = None
+    """`module:Class` of the TRL config whose field lists the accepted values: `--help` shows the installed
+    version's list (`trl_fields.field_choices`), and `check_trl_values` holds values to it."""
 
     def __init__(self, *names: str, **options: Any) -> None:
         object.__setattr__(self, "names", names)
@@ -258,8 +261,11 @@ class DPOTrainSettings(TrainSettings):
     overshoot."""
     beta: Annotated[float, Field(gt=0), Flag("--beta")] = 0.1
     """DPO beta: lower lets the policy drift further from the reference."""
-    loss_type: Annotated[str | list[str], Flag("--loss-type", comma_list=True)] = ["sigmoid"]
-    """TRL loss type(s), comma-separated: sigmoid, ipo, hinge, robust, ..."""
+    loss_type: Annotated[str | list[str], Flag("--loss", "--loss-type", comma_list=True,
+                                               trl_choices="trl:DPOConfig")] = ["sigmoid"]
+    """DPO's loss, or several comma-separated (combined with train.loss_weights): any loss type the installed
+    DPOConfig accepts. The step-0 check knows each one's value with the policy equal to its reference, except
+    `sft` (a plain NLL) and WPO weighting, where only the rewards are checked."""
     label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5), Flag("--label-smoothing")] = 0.0
     """Label smoothing (robust DPO: flip probability); at 0.5 chosen and rejected carry no signal."""
 
@@ -336,13 +342,21 @@ class PreferenceDataSpec(DataSpec):
     """Scored completions: least score difference for a pair."""
 
 
-class DPORecipe(TrainRecipe):
+class PreferenceRecipe(TrainRecipe):
+    """What the preference methods (`align dpo`, `orpo`, `simpo`) share: pairs, and a policy that starts from the
+    SFT adapter or as a fresh LoRA on the base."""
+
+    data: PreferenceDataSpec = PreferenceDataSpec()
+    lora: DPOLoraSpec = DPOLoraSpec()
+    adapter: Annotated[str | None, Flag("--adapter", "-a", unset="none (fresh LoRA)")] = None
+    """SFT adapter dir: the policy starts as a copy of it."""
+
+
+class DPORecipe(PreferenceRecipe):
     """`align dpo`. beta, loss_type, label_smoothing and every other DPOConfig field go through `train`."""
 
     train_settings: ClassVar[type[TrainSettings]] = DPOTrainSettings
 
-    data: PreferenceDataSpec = PreferenceDataSpec()
-    lora: DPOLoraSpec = DPOLoraSpec()
     adapter: Annotated[str | None, Flag("--adapter", "-a", unset="none (fresh LoRA)")] = None
     """SFT adapter dir: the policy starts as a copy of it, and (with ref adapter) it is the reference."""
     ref: Annotated[str | None, Flag("--ref", unset="auto",
@@ -360,6 +374,38 @@ class DPORecipe(TrainRecipe):
         if value is not None:
             parse_reference(value)
         return value
+
+
+class ORPOTrainSettings(TrainSettings):
+    learning_rate: LearningRate = 5e-5
+    """Peak learning rate (LoRA; the ORPO paper's full fine-tuning used 5e-6 to 8e-6)."""
+    beta: Annotated[float, Field(gt=0), Flag("--beta")] = 0.1
+    """ORPO's lambda: the weight of the odds-ratio term beside the SFT loss on the chosen answer."""
+
+
+class ORPORecipe(PreferenceRecipe):
+    """`align orpo`: SFT on the chosen answer plus an odds-ratio penalty on the rejected one, in one stage and with no
+    reference model (TRL's experimental ORPOTrainer). `train` takes ORPOConfig fields."""
+
+    train_settings: ClassVar[type[TrainSettings]] = ORPOTrainSettings
+
+
+class SimPOTrainSettings(TrainSettings):
+    learning_rate: LearningRate = 5e-5
+    """Peak learning rate (LoRA; the SimPO paper's full fine-tuning used 3e-7 to 1e-6)."""
+    beta: Annotated[float, Field(gt=0), Flag("--beta")] = 2.0
+    """Scale of the length-normalized reward (the paper: 2.0 to 2.5)."""
+    simpo_gamma: Annotated[float, Field(ge=0), Flag("--gamma")] = 1.0
+    """Target reward margin gamma (the paper: 0.5 to 1.6; gamma/beta about 0.5)."""
+    cpo_alpha: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of CPO's SFT term on the chosen answer: 0 is SimPO as published."""
+
+
+class SimPORecipe(PreferenceRecipe):
+    """`align simpo`: the length-normalized log-likelihood margin with a target gap, no reference model (TRL's
+    experimental CPOTrainer with loss_type simpo). `train` takes CPOConfig fields."""
+
+    train_settings: ClassVar[type[TrainSettings]] = SimPOTrainSettings
 
 
 # ---- loading and overriding --------------------------------------------------------------------------------------

@@ -114,11 +114,27 @@ class RecipeOption(ShownDefaultOption):
         super().__init__(decls, flagged.shown_default, **kwargs)
         self.flagged = flagged
 
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        record = super().get_help_record(ctx)
+        if record is None or not self.flagged.flag.trl_choices:
+            return record
+        return record[0], f"{record[1]} Installed: {', '.join(installed_choices(self.flagged))}."
+
     def to_recipe(self, value: Any) -> Any:
         flag = self.flagged.flag
         if flag.comma_list and isinstance(value, str) and value not in flag.keep:
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+
+def installed_choices(flagged: FlaggedField) -> list[str]:
+    """What the installed TRL config lists for the field (read when `--help` is shown, not at import)."""
+    import importlib
+
+    from align.core.trl_fields import field_choices
+
+    module, _, name = str(flagged.flag.trl_choices).partition(":")
+    return field_choices(getattr(importlib.import_module(module), name), flagged.key.rpartition(".")[2]) or ["?"]
 
 
 class Number(click.ParamType):

@@ -128,13 +128,37 @@ def check_trl_values(recipe: Any, config_cls: type, where: str | None = None) ->
             train[key] = coerce(value, hints[key]) if key in hints else value
         except _Refused as refused:
             raise AlignError(f"{prefix}train.{key}: expected {refused.expected}, got {_shown(value)}") from None
-        problem = range_problem(key, train[key])
+        problem = range_problem(key, train[key]) or choice_problem(config_cls, key, train[key])
         if problem:
             raise AlignError(f"{prefix}train.{key}: {problem}, got {_shown(value)}")
     problem = combination_problem(recipe, train, config_cls)
     if problem:
         raise AlignError(f"{prefix}{problem}")
     return train
+
+
+def field_choices(config_cls: type, key: str) -> list[str] | None:
+    """The values a TRL config field accepts, as the installed TRL states them: the field's `choices` metadata, or
+    the values its help lists after "Possible values are:" (DPOConfig.loss_type); None when it states none."""
+    import re
+
+    field = next((f for f in dataclasses.fields(config_cls) if f.name == key), None)
+    if field is None:
+        return None
+    if field.metadata.get("choices"):
+        return [str(c) for c in field.metadata["choices"]]
+    listed = re.search(r"Possible values are:(.*?)(?:\.\s|\.$)", str(field.metadata.get("help", "")), re.S)
+    values = re.findall(r"[`']+([A-Za-z0-9_-]+)[`']+", listed.group(1)) if listed else []
+    return values or None
+
+
+def choice_problem(config_cls: type, key: str, value: Any) -> str | None:
+    """A value (or list of values) outside what the installed config lists for the field."""
+    choices = field_choices(config_cls, key)
+    if choices is None:
+        return None
+    wrong = [v for v in (value if isinstance(value, list) else [value]) if str(v) not in choices]
+    return f"expected one of {', '.join(choices)}" if wrong else None
 
 
 def _shown(value: Any) -> str:

@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from align.core.artifacts import is_complete, read_json_record, write_json
-from align.core.config import (
-    DPORecipe, ModelSpec, SFTRecipe, TrainRecipe, check_trl_keys, load_yaml, parse_set, set_path, validate,
-)
+from align.core.config import ModelSpec, TrainRecipe, check_trl_keys, load_yaml, parse_set, set_path, validate
 from align.core.errors import AlignError
 from align.core.trl_fields import check_trl_values
 from align.pipeline.export import run_export_stage
 from align.pipeline.pairs import run_pairs_stage
 from align.pipeline.report import run_eval_stage, write_report
-from align.pipeline.stages import (RECORDS, DPOStage, EvalStage, MergeStage, Pipeline, PipelineRecipe, SFTStage,
+from align.pipeline.stages import (RECORDS, EvalStage, MergeStage, Pipeline, PipelineRecipe, PreferenceStage,
                                    TrainStage, stage_refs)
 from align.pipeline.sweep import run_merge_stage
 from align.pipeline.template import check_sft_template
+from align.train.methods import METHODS
 
 
 def load_pipeline(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> PipelineRecipe:
@@ -50,12 +49,10 @@ def load_pipeline(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> P
 
 
 def check_stage_train(stage: Any, where: str) -> None:
-    """A training stage's `train` section checked as `align sft`/`align dpo` check theirs, before any stage runs:
-    keys against the TRL config, values coerced and in range (`align.core.trl_fields`)."""
-    from trl import DPOConfig, SFTConfig
-
-    config = {"sft": SFTConfig, "dpo": DPOConfig}.get(getattr(stage, "kind", ""))
-    if config is not None:
+    """A training stage's `train` section checked as its command checks it, before any stage runs: keys against the
+    method's TRL config, values coerced and in range (`align.core.trl_fields`)."""
+    if isinstance(stage, TrainStage):
+        config = METHODS[stage.kind].config_class()
         check_trl_keys(stage.train, config, where)
         check_trl_values(stage, config, where)  # refuses; the stage's own validation already typed its fields
 
@@ -136,25 +133,24 @@ def _say(message: str) -> None:
 
 def run_stage(stage: Any, pipeline: Pipeline) -> Path:
     """Run one stage into RUNDIR/<name>, replacing what was there (the caller decided it is out of date)."""
-    runners = {"sft": run_sft_stage, "pairs": run_pairs_stage, "dpo": run_dpo_stage, "merge": run_merge_stage,
-               "eval": run_eval_stage, "export": run_export_stage}
+    if isinstance(stage, TrainStage):
+        return run_training_stage(stage, pipeline)
+    runners = {"pairs": run_pairs_stage, "merge": run_merge_stage, "eval": run_eval_stage, "export": run_export_stage}
     return runners[stage.kind](stage, pipeline)
 
 
-def run_sft_stage(stage: SFTStage, pipeline: Pipeline) -> Path:
-    from align.train.sft import run_sft
-
-    return run_sft(stage_recipe(SFTRecipe, stage, pipeline, {}))
-
-
-def run_dpo_stage(stage: DPOStage, pipeline: Pipeline) -> Path:
-    from align.train.dpo import run_dpo
-
-    adapter = pipeline.path(stage.adapter) if stage.adapter else None
+def run_training_stage(stage: TrainStage, pipeline: Pipeline) -> Path:
+    """A training method's stage: its recipe with earlier stages' outputs wired in, run by the method's own run
+    function. An SFT adapter handed on is checked for the template SFT recorded."""
+    method = METHODS[stage.kind]
+    wired: dict[str, Any] = {}
+    adapter = getattr(stage, "adapter", None)
     if adapter:
-        check_sft_template(Path(adapter))
-    data = {**stage.data.model_dump(), "path": pipeline.path(stage.data.path)}
-    return run_dpo(stage_recipe(DPORecipe, stage, pipeline, {"adapter": adapter, "data": data}))
+        wired["adapter"] = pipeline.path(adapter)
+        check_sft_template(Path(wired["adapter"]))
+    if isinstance(stage, PreferenceStage):
+        wired["data"] = {**stage.data.model_dump(), "path": pipeline.path(stage.data.path)}
+    return method.run(stage_recipe(method.recipe, stage, pipeline, wired))
 
 
 def stage_recipe(cls: type[TrainRecipe], stage: TrainStage, pipeline: Pipeline, wired: dict[str, Any]) -> Any:

@@ -6,15 +6,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
-from align.core.config import DPORecipe, ModelSpec, Section, SFTRecipe
+from align.core.config import ModelSpec, Section
+from align.core.errors import did_you_mean
+from align.train.methods import METHODS, TrainingMethod
 
 BASE = "base"
-RECORDS = {"sft": "run.json", "dpo": "run.json", "pairs": "pairs.json", "merge": "merge.json", "eval": "report.json",
-           "export": "export.json"}
+RECORDS = {**{name: method.record for name, method in METHODS.items()}, "pairs": "pairs.json", "merge": "merge.json",
+           "eval": "report.json", "export": "export.json"}
 """The record each stage kind writes last: its presence means the stage's output is complete."""
 
 
@@ -47,10 +49,6 @@ class TrainStage(StageSpec):
 PIPELINE_OWNED = ("output", "resume", "overwrite", "force")
 
 
-class SFTStage(TrainStage, SFTRecipe):
-    kind: Literal["sft"]
-
-
 class PairsStage(StageSpec):
     """On-policy preference pairs: sample the adapter on training prompts, keep wrong answers as `rejected`
     against the reference answer as `chosen` (for tasks whose answers can be checked by exact match)."""
@@ -67,16 +65,26 @@ class PairsStage(StageSpec):
     seed: int = 0
 
 
-class DPOStage(TrainStage, DPORecipe):
-    """`adapter` is a stage name (or adapter dir); `data.path` (or `data` alone) a `pairs` stage name, or any
-    preference data source."""
+class PreferenceStage(TrainStage):
+    """A training stage of a method that reads pairs: `adapter` is a stage name (or adapter dir); `data.path` (or
+    `data` alone) a `pairs` stage name, or any preference data source."""
 
-    kind: Literal["dpo"]
-
-    @field_validator("data", mode="before")
+    @field_validator("data", mode="before", check_fields=False)
     @classmethod
     def _data_may_be_a_name(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+
+def training_stage(method: TrainingMethod) -> type[TrainStage]:
+    """The stage kind of a training method: its command's recipe, with `kind: NAME` and what the pipeline owns."""
+    base = TrainStage if method.data == "sft" else PreferenceStage
+    return create_model(f"{method.name.upper()}Stage", __base__=(base, method.recipe), __module__=__name__,
+                        kind=(Literal[method.name], ...))  # type: ignore[valid-type]
+
+
+TRAINING_STAGES: dict[str, type[TrainStage]] = {name: training_stage(m) for name, m in METHODS.items()}
+SFTStage = TRAINING_STAGES["sft"]
+DPOStage = TRAINING_STAGES["dpo"]
 
 
 class SelectSpec(Section):
@@ -93,6 +101,7 @@ class SelectSpec(Section):
 class MergeStage(StageSpec):
     kind: Literal["merge"]
     method: str = "slerp"
+    """A `merge` method (merge/methods.py's registry), checked when the recipe loads, not after training."""
     models: list[str] = []
     base: str | None = None
     slices: list[str] = []
@@ -112,6 +121,15 @@ class MergeStage(StageSpec):
         if self.weights and isinstance(self.weights[0], list):
             return [{"weights": w} for w in self.weights]  # type: ignore[union-attr]
         return [{"t": self.t} if self.t is not None else {"weights": self.weights}]
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from merge.methods import METHODS as MERGE_METHODS
+
+        if value not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {value!r}{did_you_mean(value, list(MERGE_METHODS))}")
+        return value
 
     @model_validator(mode="after")
     def _sweep_needs_selection(self) -> MergeStage:
@@ -139,7 +157,8 @@ class ExportStage(StageSpec):
     """Load the file back through transformers' GGUF loader and record the logit comparison in export.json."""
 
 
-Stage = Annotated[SFTStage | PairsStage | DPOStage | MergeStage | EvalStage | ExportStage, Field(discriminator="kind")]
+Stage = Annotated[Union[(*TRAINING_STAGES.values(), PairsStage, MergeStage, EvalStage, ExportStage)],  # type: ignore[valid-type]
+                  Field(discriminator="kind")]
 
 
 class PipelineRecipe(Section):
@@ -168,12 +187,11 @@ def stage_refs(stage: Any) -> list[str]:
 def _referenced(stage: Any) -> list[str]:
     if isinstance(stage, PairsStage):
         return [stage.adapter]
-    if isinstance(stage, DPOStage):
-        return [r for r in (stage.adapter, stage.data.path) if r]
+    if isinstance(stage, TrainStage):
+        data = [stage.data.path] if isinstance(stage, PreferenceStage) else []
+        return [r for r in (stage.model, getattr(stage, "adapter", None), *data) if r]
     if isinstance(stage, MergeStage):
         return [*stage.models, *([stage.base] if stage.base else []), *(split_slice(s)[0] for s in stage.slices)]
-    if isinstance(stage, SFTStage):
-        return [stage.model] if stage.model else []
     if isinstance(stage, EvalStage):
         return list(stage.models)
     if isinstance(stage, ExportStage):

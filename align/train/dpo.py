@@ -31,13 +31,13 @@ import torch
 from transformers import set_seed
 
 from align.core.artifacts import Timer, partial_dir
-from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec
+from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec, PreferenceRecipe
 from align.core.data import Rows, fingerprint_rows, hold_out
 from align.core.errors import AlignError
 from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
 from align.core.preferences import PreferenceData, load_preference_data, normalize_preference_rows
-from align.core.reference import ReferenceMode
+from align.core.reference import ReferenceMode, parse_reference
 from align.train.training import (
     attach_lora, check_run_inputs, continued_lora, finished_run, estimated_steps, final_metrics, finish_training,
     log_series, lora_config, evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer,
@@ -77,9 +77,9 @@ class ReferencePlan:
                 "requested": self.requested, "reason": self.reason}
 
 
-def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
-    """The policy's model (base, plus the SFT adapter when given) and the reference; refuses combinations whose
-    reference would not equal the starting policy."""
+def resolve_policy(recipe: PreferenceRecipe) -> ResolvedModel:
+    """The policy's starting point: the base, plus the SFT adapter when given (`--adapter`, or an adapter dir as
+    `--model`); refuses an adapter trained on another base than `--model`."""
     if recipe.adapter:
         policy = resolve_model(recipe.adapter)
         if policy.adapter is None:
@@ -93,7 +93,14 @@ def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
                                  f"{recipe.model.name}")
     else:
         policy = resolve_model(recipe.model.name)  # an adapter dir as --model counts as the SFT adapter
-    requested = (recipe.ref or "auto").partition(":")[0]
+    return policy
+
+
+def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
+    """The policy's model (base, plus the SFT adapter when given) and the reference; refuses combinations whose
+    reference would not equal the starting policy."""
+    policy = resolve_policy(recipe)
+    requested, model = parse_reference(recipe.ref or "auto")
     # auto starts from the reference that always works and becomes precompute in `choose_reference` once the data is
     # known; the checks below hold for both (precompute scores with the same reference).
     mode = ("adapter" if policy.adapter else "base") if requested == "auto" else requested
@@ -106,7 +113,6 @@ def plan_reference(recipe: DPORecipe) -> tuple[ResolvedModel, ReferencePlan]:
     if policy.adapter is None and mode in ("base", "precompute") and recipe.lora.init in ("pissa", "loftq"):
         raise AlignError(f"lora.init={recipe.lora.init} rewrites the base weights, so the base with adapters disabled "
                          "is not the starting policy; use lora.init default or gaussian")
-    model = recipe.ref.removeprefix("model:") if mode == "model" and recipe.ref else None
     return policy, ReferencePlan(mode, policy.adapter, model, requested)
 
 
@@ -317,13 +323,36 @@ def saved_adapter_weights(reference: ReferencePlan) -> dict[str, torch.Tensor]:
 # ---- the step-0 reference check ----------------------------------------------------------------------------------
 
 
-def step0_loss(loss_types: list[str], loss_weights: list[float] | None, beta: float) -> float | None:
-    """The loss when every log-ratio is 0 (policy = reference), for the losses where it is a constant."""
-    at_zero = {"sigmoid": math.log(2), "robust": math.log(2), "hinge": 1.0, "ipo": (1 / (2 * beta)) ** 2}
-    if not all(t in at_zero for t in loss_types):
+# Each loss type's value when every log-ratio is 0 (the policy equal to its reference), from TRL's own formulas
+# (DPOTrainer._compute_loss), as functions of beta and label smoothing (eps). `sft` has none: it is the data's NLL.
+# tests/test_dpo.py checks every entry against the loss TRL computes at step 0, and that the table covers every loss
+# type the installed DPOConfig lists.
+STEP0_LOSS: dict[str, Callable[[float, float], float]] = {
+    "sigmoid": lambda beta, eps: math.log(2),
+    "sigmoid_norm": lambda beta, eps: math.log(2),
+    "robust": lambda beta, eps: math.log(2),  # ((1 - eps) ln 2 - eps ln 2) / (1 - 2 eps)
+    "aot": lambda beta, eps: math.log(2),
+    "aot_unpaired": lambda beta, eps: math.log(2),
+    "hinge": lambda beta, eps: 1.0,
+    "ipo": lambda beta, eps: (1 / (2 * beta)) ** 2,
+    "exo_pair": lambda beta, eps: -math.log(2) - 0.5 * math.log(eps * (1 - eps)),
+    "nca_pair": lambda beta, eps: 2 * math.log(2),
+    "bco_pair": lambda beta, eps: 2 * math.log(2),
+    "sppo_hard": lambda beta, eps: 2 * (0.5 / beta) ** 2,
+    "apo_zero": lambda beta, eps: 1.0,
+    "apo_down": lambda beta, eps: 1.0,
+    "discopop": lambda beta, eps: 0.5 * (math.log(2) + 1),
+}
+
+
+def step0_loss(loss_types: list[str], loss_weights: list[float] | None, beta: float, label_smoothing: float = 0.0,
+               weighted: bool = False) -> float | None:
+    """The loss when every log-ratio is 0 (policy = reference), where it is a constant: None for `sft` (the NLL of
+    the data) and under WPO weighting (`use_weighting`, which scales each pair by the policy's probabilities)."""
+    if weighted or not all(t in STEP0_LOSS for t in loss_types):
         return None
     weights = loss_weights or [1.0] * len(loss_types)
-    return sum(at_zero[t] * w for t, w in zip(loss_types, weights))
+    return sum(STEP0_LOSS[t](beta, label_smoothing) * w for t, w in zip(loss_types, weights))
 
 
 def precompute_batch(trainer: Any) -> dict[str, Any]:
@@ -369,7 +398,8 @@ def check_reference_at_step0(trainer: Any, mode: str, tolerance: float = STEP0_T
     logged = trainer._metrics["eval"]  # TRL files metrics under "eval" when the model is not training
     measured = {key: float(logged[key][-1]) for key in ("rewards/chosen", "rewards/rejected", "rewards/margins")}
     logged.clear()
-    expected = step0_loss(list(trainer.loss_types), trainer.args.loss_weights, trainer.beta)
+    expected = step0_loss(list(trainer.loss_types), trainer.loss_weights, trainer.beta, trainer.label_smoothing,
+                          trainer.use_weighting)
     deviation = max([abs(v) for v in measured.values()] + ([abs(loss - expected)] if expected is not None else []))
     result = {"passed": deviation <= tolerance, "loss": loss, "expected_loss": expected, **measured,
               "max_deviation": deviation, "tolerance": tolerance, "pairs": int(batch["input_ids"].shape[0] // 2)}

@@ -25,7 +25,8 @@ from align.core.errors import AlignError
 from align.core.reference import ReferenceMode
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
-Stage = Literal["sft", "dpo"]
+Stage = str
+"""A training method's name (align.train.methods.METHODS), whose traits shape the plan."""
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -234,9 +235,16 @@ class TrainSetup:
         return self.lora_r is None
 
     @property
+    def method(self) -> Any:
+        from align.train.methods import METHODS
+
+        return METHODS[self.stage]
+
+    @property
     def active_lora_dropout(self) -> float:
-        """DPOConfig's `disable_dropout=True` (its default) zeroes every dropout module, LoRA's included."""
-        return 0.0 if self.stage == "dpo" else self.lora_dropout
+        """The preference trainers' `disable_dropout=True` (their default) zeroes every dropout module, LoRA's
+        included."""
+        return 0.0 if self.method.disables_dropout else self.lora_dropout
 
     @property
     def compute_bytes(self) -> int:
@@ -250,8 +258,8 @@ class TrainSetup:
 
     @property
     def sequences(self) -> int:
-        """Sequences in one micro-batch forward: DPO concatenates chosen and rejected."""
-        return self.batch_size * (2 if self.stage == "dpo" else 1)
+        """Sequences in one micro-batch forward: a preference pair puts chosen and rejected through together."""
+        return self.batch_size * self.method.sequences_per_row
 
     @property
     def tokens(self) -> int:
@@ -259,6 +267,9 @@ class TrainSetup:
 
 
 def check_setup(setup: TrainSetup) -> None:
+    from align.train.methods import method_of
+
+    method_of(setup.stage)
     if setup.weights_dtype not in DTYPE_BYTES:
         raise AlignError(f"unknown weights dtype '{setup.weights_dtype}' (choose {', '.join(DTYPE_BYTES)})")
     for name in ("batch_size", "max_length", "grad_accum", "num_processes"):
@@ -586,7 +597,7 @@ def plan_memory(shape: ModelShape, setup: TrainSetup, model: str = "", budget: i
         terms.append(Term("mapped checkpoint pages", mapped, "persistent",
                           f"{shape.total_params:,} x {DTYPE_BYTES[shape.stored_dtype]} B ({shape.stored_dtype} file),"
                           " reclaimable"))
-    if setup.stage == "dpo" and setup.ref == "model":
+    if setup.method.reference and setup.ref == "model":
         terms.append(Term("reference model", weights, "persistent", "a frozen copy of the weights"))
     overhead = CPU_FRAMEWORK_OVERHEAD if setup.device == "cpu" else 0
     terms.append(Term("framework overhead", overhead, "persistent",
@@ -863,7 +874,8 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"plan: {plan.model or shape.model_type} ({shape.total_params / 1e6:,.1f}M params, {shape.layers} layers)"
         f" · {s.stage} · {method} · {precision} on {s.device}",
-        f"      batch {s.batch_size} x {s.max_length} tokens" + (" x2 (chosen+rejected)" if s.stage == "dpo" else "")
+        f"      batch {s.batch_size} x {s.max_length} tokens"
+        + (f" x{s.method.sequences_per_row} (sequences per row)" if s.method.sequences_per_row > 1 else "")
         + f", accumulation {s.grad_accum}, attn {s.attn}, optim {s.optim}"
         + (", checkpointing" if s.gradient_checkpointing else "")
         + (f", ZeRO-{s.zero} over {s.num_processes}" if s.zero and s.num_processes > 1 else ""),
