@@ -10,7 +10,7 @@ import click
 from align import __version__
 from align.core.clitools import CONTEXT_SETTINGS, OneLineGroup, debug_option, handle_errors
 from align.core.config import build_recipe
-from align.core.options import ShownDefaultOption, recipe_flags, recipe_options
+from align.core.options import ShownDefaultOption, recipe_flags, recipe_option, recipe_options
 from align.train.methods import METHODS, TrainingMethod
 
 CONTEXT = CONTEXT_SETTINGS
@@ -124,29 +124,59 @@ def data() -> None:
 @data.command("inspect", context_settings=CONTEXT)
 @click.argument("source")
 @click.option("--model", "-m", default="smollm2-135m", show_default=True, help="Whose tokenizer and chat template.")
-@click.option("--format", "fmt", default=None, show_default="auto-detect", help="Force the data format.")
+@click.option("--format", "fmt", default=None, show_default="auto-detect",
+              help="Force the data format (an SFT, preference or KTO format).")
 @click.option("--split", default=None, show_default="train", help="Dataset split.")
 @click.option("--limit", type=int, default=None, show_default="all rows", help="Look at the first N rows only.")
 @click.option("--loss-on", type=click.Choice(["assistant", "last", "all"]), default="assistant", show_default=True)
+@recipe_option("train.max_length", "--max-length", type=int)
 @debug_option
 @handle_errors
 def inspect(source: str, model: str, fmt: str | None, split: str | None, limit: int | None, loss_on: str,
-            debug: bool) -> None:
-    """Detected format, row count, token-length stats, and one example with its loss tokens in [[ ]]."""
-    from align.core.data import inspect_data
+            max_length: int, debug: bool) -> None:
+    """Detected format, rows, token lengths, what --max-length would cut, and one example with its learned tokens
+    in [[ ]]: for SFT, preference (DPO) and labelled (KTO) data, read as `align sft` and `align dpo` read them.
+    Invalid rows are counted and the first is named; any makes the exit status 2."""
+    from align.core.errors import AlignError
+    from align.core.inspection import inspect_data
     from align.core.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(model))
-    report = inspect_data(source, tokenizer, fmt, split, limit, loss_on)  # type: ignore[arg-type]
-    click.echo(f"source:      {report['source']}")
-    click.echo(f"format:      {report['format']}")
-    click.echo(f"rows:        {report['rows']}")
-    tokens, loss = report["tokens"], report["loss_tokens"]
-    click.echo(f"tokens:      p50 {tokens['p50']}  p95 {tokens['p95']}  max {tokens['max']}  mean {tokens['mean']:.1f}")
-    click.echo(f"loss tokens: p50 {loss['p50']}  p95 {loss['p95']}  max {loss['max']}")
-    click.echo(f"fingerprint: {report['fingerprint']}")
-    click.echo("example (loss-carrying tokens in [[ ]]):")
-    click.echo(report["example"])
+    report = inspect_data(source, tokenizer, fmt, split, limit, loss_on, max_length)  # type: ignore[arg-type]
+    for line in report_lines(report):
+        click.echo(line)
+    if report["invalid"]:
+        raise AlignError(f"{report['invalid']} of {report['rows']} rows invalid; the first: {report['first_invalid']}")
+
+
+# What each kind of data calls its examples and the token counts worth showing.
+INSPECTED = {"sft": ("examples", ("tokens", "loss_tokens")),
+             "preference": ("pairs", ("prompt_tokens", "chosen_tokens", "rejected_tokens")),
+             "unpaired": ("labelled completions", ("prompt_tokens", "completion_tokens"))}
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """`align data inspect`'s report as aligned `label: value` lines, then the example."""
+    examples, lengths = INSPECTED[report["kind"]]
+    counts = f"{report['examples']} {examples}"
+    if report["kind"] == "unpaired":
+        counts += f" ({report['desirable']} desirable, {report['undesirable']} undesirable)"
+    if report.get("rows_without_pair"):
+        counts += f"; {report['rows_without_pair']} rows give no pair (scores tie)"
+    fields = [("source", report["source"]), ("format", f"{report['format']} ({report['kind']})"),
+              ("rows", f"{report['rows']} -> {counts}; {report['invalid']} invalid")]
+    for key in lengths:
+        stats = report[key]
+        fields.append((key.replace("_", " "),
+                       f"p50 {stats['p50']}  p95 {stats['p95']}  max {stats['max']}  mean {stats['mean']:.1f}"))
+    fields += [("max length", f"{report['max_length']}: truncates {report['truncated']}, leaves {report['emptied']} "
+                              "with nothing to learn (dropped in training)"),
+               ("fingerprint", report["fingerprint"])]
+    if report["first_invalid"]:
+        fields.append(("first invalid row", report["first_invalid"]))
+    width = max(len(label) for label, _ in fields) + 2
+    return [f"{label + ':':<{width}}{value}" for label, value in fields] + [
+        "example (learned tokens in [[ ]]):", report["example"]]
 
 
 @main.command("run", context_settings=CONTEXT)

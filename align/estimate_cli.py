@@ -7,9 +7,8 @@ from typing import Any
 import click
 
 from align.core.clitools import debug_option, handle_errors
-from align.core.config import SFTRecipe
 from align.core.errors import AlignError
-from align.core.options import find_field
+from align.core.options import recipe_option
 from align.core.reference import REFERENCE_MODES
 from align.train.estimate import Plan, TrainSetup, format_plan, load_shape, parse_size, plan_json, plan_with_budget
 from align.train.methods import METHODS
@@ -29,15 +28,6 @@ def estimate(model: str, budget: str | None = None, dtype: str = "auto", device:
     setup = TrainSetup(device=device, weights_dtype=str(precision.weights).removeprefix("torch."),  # type: ignore[arg-type]
                        autocast=precision.bf16_autocast, **settings)
     return plan_with_budget(load_shape(model), setup, model, parse_size(budget) if budget else None)
-
-
-def recipe_option(key: str, *names: str, **kwargs: Any) -> Any:
-    """An option planned with the default and help of the `align sft` recipe field `key`, so the planner plans the
-    run the training command would do when neither is given a flag."""
-    field = find_field(SFTRecipe, key)
-    kwargs.setdefault("help", field.help)
-    return click.option(*names, default=field.field.get_default(call_default_factory=True), show_default=True,
-                        **kwargs)
 
 
 @click.command("estimate")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -10,6 +11,11 @@ import click
 from align.core.clitools import debug_option, handle_errors
 from align.core.errors import AlignError
 from eval.suites import builtin_suites
+
+
+# A run that wrote its report but in which a task it was asked to run failed: not bad input (2) nor a bug (3), yet not
+# a success that scripts and CI could take for one.
+TASKS_FAILED_EXIT = 1
 
 
 @click.command("eval")
@@ -50,12 +56,15 @@ def eval_command(suite: str, models: tuple[str, ...], output: Path, limit: int |
     path = run_eval(request)
     click.echo((path / "report.md").read_text(encoding="utf-8"))
     report = json.loads((path / "report.json").read_text())
-    if report["failed"]:
-        click.echo(f"{len(report['failed'])} task(s) failed; see {path / 'report.json'}", err=True)
     ok = any(o.get("status") == "ok" for tasks in report["results"].values() for o in tasks.values())
     if not ok:
         raise AlignError(f"every task failed (report written to {path})")
     click.echo(f"report: {path / 'report.json'}", err=True)
+    if report["failed"]:
+        first = report["failed"][0]
+        click.echo(f"{len(report['failed'])} task(s) failed, first {first['model']}/{first['task']}: {first['error']} "
+                   f"(see {path / 'report.json'})", err=True)
+        sys.exit(TASKS_FAILED_EXIT)
 
 
 def main() -> None:

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from align.core.data import (
-    DataError, fingerprint_rows, inspect_data, load_sft_data, read_rows, tokenize_conversation, tokenize_text,
+    DataError, fingerprint_rows, load_sft_data, read_rows, tokenize_conversation, tokenize_text,
 )
+from align.core.inspection import inspect_data
 from align.core.errors import AlignError
 from conftest import write_jsonl
 

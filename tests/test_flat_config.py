@@ -11,7 +11,7 @@ from trl import DPOConfig, SFTConfig
 from align.core.config import DPORecipe, MixtureSource, SFTRecipe, build_recipe
 from align.core.data import DataError
 from align.core.errors import AlignError
-from align.core.mixture import take_rows
+from align.core.mixture import take_indices
 from conftest import write_jsonl
 
 
@@ -131,14 +131,14 @@ dataset_mixer:
 dataset_splits:
 - train_sft
 - test_sft
-evaluation_strategy: epoch
+evaluation_strategy: "no"
 max_seq_length: 512
 """)
     recipe = build_recipe(SFTRecipe, path, {}, trl_config=SFTConfig)
     assert recipe.model.attn == "flash_attention_2" and recipe.model.dtype == "auto"
     assert [(s.path, s.split, s.weight) for s in recipe.data.mixture] == [
         ("HuggingFaceH4/ultrachat_200k", "train_sft", None), ("local/other", "train_sft", 0.25)]
-    assert recipe.train == {"eval_strategy": "epoch", "max_length": 512}
+    assert recipe.train == {"eval_strategy": "no", "max_length": 512}
 
 
 def test_a_dpo_config_maps_dpo_fields_and_keeps_flags_on_top(tmp_path):
@@ -161,7 +161,7 @@ lora_r: 8
     ("learnin_rate: 0.1", r"config.yaml: unknown key 'learnin_rate' \(did you mean 'learning_rate'\?\)"),
     ("use_peft: false", r"config.yaml: use_peft: False is not supported \(alignmerge trains LoRA adapters only"),
     ("trust_remote_code: true", r"trust_remote_code: True is not supported"),
-    ("chat_template: '{{ x }}'", r"chat_template: .* is not supported \(the model's own chat template"),
+    ("dataset_streaming: true", r"dataset_streaming: True is not supported \(datasets are read whole"),
 ])
 def test_what_cannot_be_honoured_is_a_one_line_error_naming_the_file(tmp_path, line, message):
     path = write(tmp_path, f"model_name_or_path: m\n{line}\n")
@@ -178,25 +178,28 @@ def test_a_sectioned_recipe_is_not_taken_for_a_flat_one(tmp_path):
 # ---- mixtures ---------------------------------------------------------------------------------------------------
 
 
-ROWS = [{"i": i} for i in range(10)]
+ROWS = list(range(10))
+
+
+def take(source: MixtureSource, seed: int = 0) -> list[int]:
+    return take_indices(len(ROWS), source, seed, where=source.path)
 
 
 def test_rows_and_weights_take_seeded_samples_in_source_order():
-    five = take_rows(ROWS, MixtureSource(path="a", rows=5), seed=0, where="a")
-    assert len(five) == 5 and five == sorted(five, key=lambda r: r["i"])
-    assert five == take_rows(ROWS, MixtureSource(path="a", rows=5), seed=0, where="a")
-    draws = {tuple(r["i"] for r in take_rows(ROWS, MixtureSource(path="a", rows=5), seed=s, where="a"))
-             for s in range(5)}
+    five = take(MixtureSource(path="a", rows=5))
+    assert len(five) == 5 and five == sorted(five)
+    assert five == take(MixtureSource(path="a", rows=5))
+    draws = {tuple(take(MixtureSource(path="a", rows=5), seed=s)) for s in range(5)}
     assert len(draws) > 1  # the seed matters
-    assert len(take_rows(ROWS, MixtureSource(path="a", weight=0.3), seed=0, where="a")) == 3
-    upsampled = take_rows(ROWS, MixtureSource(path="a", weight=1.5), seed=0, where="a")
+    assert len(take(MixtureSource(path="a", weight=0.3))) == 3
+    upsampled = take(MixtureSource(path="a", weight=1.5))
     assert len(upsampled) == 15 and upsampled[:10] == ROWS
-    assert take_rows(ROWS, MixtureSource(path="a"), seed=0, where="a") == ROWS
+    assert take(MixtureSource(path="a")) == ROWS
 
 
 def test_asking_for_more_rows_than_a_source_has_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"b.jsonl: rows 11 asked, but the source has only 10"):
-        take_rows(ROWS, MixtureSource(path="b.jsonl", rows=11), seed=0, where="b.jsonl")
+        take(MixtureSource(path="b.jsonl", rows=11))
     both = write(tmp_path, "data: {mixture: [{path: a, rows: 1, weight: 0.5}]}\n")
     with pytest.raises(AlignError, match=r"data.mixture.0: Value error, give rows or weight, not both"):
         build_recipe(SFTRecipe, both, {})

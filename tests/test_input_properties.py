@@ -19,7 +19,8 @@ from align.core import data as data_module
 from align.core.config import DPORecipe, SFTRecipe, build_recipe
 from align.core.data import SFT_FORMATS, detect_sft_format, load_sft_data, normalize_sft_row, read_rows
 from align.core.preferences import (
-    PREFERENCE_FORMATS, detect_preference_format, load_preference_data, normalize_preference_row,
+    PREFERENCE_FORMATS, UNPAIRED_FORMATS, detect_preference_format, detect_unpaired_format, load_preference_data,
+    normalize_preference_row, normalize_unpaired_row,
 )
 from align.core.errors import AlignError
 
@@ -32,9 +33,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROW_KEYS = ("messages", "conversations", "instruction", "input", "output", "system", "prompt", "completion", "text",
             "chosen", "rejected", "completions", "responses", "scores", "role", "content", "from", "value", "score",
-            "response")
+            "response", "label", "kto_tag", "type", "tools")
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.sampled_from(
-    ["user", "assistant", "system", "human", "gpt", "\n\nHuman: hi\n\nAssistant: yo", "5", ""])
+    ["user", "assistant", "system", "human", "gpt", "\n\nHuman: hi\n\nAssistant: yo", "5", "", "text", "image_url"])
 json_values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(ROW_KEYS) | st.text(max_size=8),
@@ -92,6 +93,8 @@ def test_format_detectors_and_normalizers_never_crash(row):
         outcome(normalize_sft_row, row, fmt, "row 1")
     for fmt in PREFERENCE_FORMATS:
         outcome(normalize_preference_row, row, fmt, "row 1", "all", 0.0)
+    assert detect_unpaired_format(row) in (*UNPAIRED_FORMATS, None)
+    outcome(normalize_unpaired_row, row, "kto", "row 1")
 
 
 @given(table_rows=st.lists(st.fixed_dictionaries({"prompt": st.text(max_size=10), "completion": st.text(max_size=10)}),

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from align.core.errors import AlignError, did_you_mean
 from align.core.flat_config import flat_to_recipe, is_flat_config
 from align.core.reference import parse_reference
-from align.core.trl_fields import check_trl_values
+from align.core.trl_fields import check_trl_values, eval_strategy, installed_field_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,9 @@ class ModelSpec(Section):
     compile: Annotated[bool | Literal["auto"],
                        Flag("--compile", negatable=True, note="off: batch shapes vary, so it recompiles")] = "auto"
     """torch.compile the model."""
+    chat_template: str | None = None
+    """A chat template (Jinja) to train with instead of the model's own, as the alignment-handbook's `chat_template`
+    sets it: saved with the adapter's tokenizer and recorded in run.json's template, which DPO and merges then use."""
 
 
 class MixtureSource(Section):
@@ -76,6 +79,8 @@ class MixtureSource(Section):
     path: str
     """A local jsonl/json/csv/parquet file, a hub dataset id, or `builtin:NAME` (as data.path)."""
     split: str | None = None
+    config: str | None = None
+    """The dataset's configuration (as data.config)."""
     format: str | None = None
     """Force this source's format (sources may differ in format; each is detected on its own)."""
     rows: int | None = Field(default=None, gt=0)
@@ -101,18 +106,32 @@ class DataSpec(Section):
     """Force the data format instead of detecting it."""
     split: Annotated[str | None, Flag("--split", unset="train")] = None
     """Dataset split."""
+    config: str | None = None
+    """The dataset's configuration (`load_dataset(path, config)`), for hub datasets and local dataset dirs that have
+    several; a single file has none, so it is noted and ignored there."""
     limit: Annotated[int | None, Field(gt=0), Flag("--limit", unset="all rows")] = None
     """Use only the first N rows."""
     eval_path: Annotated[str | None, Flag("--eval-data", unset="none")] = None
     """Separate evaluation data for eval loss."""
     eval_split: str | None = None
     """The split of eval_path."""
-    eval_size: Annotated[float, Field(ge=0.0, lt=1.0), Flag("--eval-size")] = 0.0
-    """Hold out this share of the training rows for eval loss (when no eval data is given)."""
+    eval_size: Annotated[int | float, Field(ge=0), Flag("--eval-size")] = 0
+    """Hold out this share (below 1) or this number of the training rows for eval loss (when no eval data is given)."""
     skip_invalid: Annotated[bool, Flag("--skip-invalid")] = False
     """Drop invalid rows and report how many, instead of stopping at the first."""
     loss_on: Annotated[Literal["assistant", "last", "all"], Flag("--loss-on")] = "assistant"
     """Tokens that carry loss: assistant turns, the last assistant turn, or all."""
+
+    @property
+    def eval_config(self) -> str | None:
+        """The configuration to read the eval data with: data.config when the eval data is the training dataset's
+        other split (as the handbook's `dataset_test_split` is), else the eval dataset's default."""
+        return self.config if self.eval_path == self.path else None
+
+    @field_validator("eval_size")
+    @classmethod
+    def _share_or_rows(cls, value: int | float) -> int | float:
+        return share_or_count(value, "rows")
 
     @model_validator(mode="after")
     def _path_or_mixture(self) -> "DataSpec":
@@ -122,6 +141,13 @@ class DataSpec(Section):
         if self.mixture is not None and not self.mixture:
             raise ValueError("data.mixture is empty")
         return self
+
+
+def share_or_count(value: int | float, of: str) -> int | float:
+    """A share below 1, or a whole number of `of` (steps, rows), as transformers reads `warmup_steps`."""
+    if value < 1 or float(value).is_integer():
+        return value
+    raise ValueError(f"expected a share of the {of} below 1, or a whole number of {of}")
 
 
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0), Flag("--lora-dropout")]
@@ -217,9 +243,7 @@ class TrainSettings(BaseModel):
     @field_validator("warmup_steps")
     @classmethod
     def _warmup_share_or_steps(cls, value: int | float) -> int | float:
-        if value < 1 or float(value).is_integer():
-            return value
-        raise ValueError("expected a share of the steps below 1, or a whole number of steps")
+        return share_or_count(value, "steps")
 
 
 def with_defaults(train: dict[str, Any], settings: type[TrainSettings] = TrainSettings) -> dict[str, Any]:
@@ -294,6 +318,14 @@ class TrainRecipe(Section):
     def train_arguments(self) -> dict[str, Any]:
         """The `train` section with every default filled in: what TRL gets before the machine's choices."""
         return self.train_settings.model_validate(self.train).model_dump()
+
+    @model_validator(mode="after")
+    def _eval_needs_an_eval_set(self) -> "TrainRecipe":
+        strategy = eval_strategy(self.train)
+        if strategy != "no" and not (self.data.eval_path or self.data.eval_size):
+            raise ValueError(f"train.eval_strategy {strategy!r} needs an eval set, and there is none: give "
+                             "data.eval_path (--eval-data) or data.eval_size (--eval-size), or eval_strategy 'no'")
+        return self
 
     @property
     def train_seed(self) -> int:
@@ -484,6 +516,8 @@ def build_recipe(
             set_path(data, key, value)
     for key, value in parse_set(sets):
         set_path(data, key, value)
+    if trl_config is not None and isinstance(data.get("train"), dict):
+        data["train"] = installed_field_names(data["train"], trl_config, str(recipe_path or "train"))
     recipe = validate(cls, data, str(recipe_path or "recipe"))
     if trl_config is not None:
         check_trl_keys(recipe.train, trl_config, str(recipe_path or "train"))

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,14 @@ ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "tool": "tool",
                   "function_call": "assistant", "observation": "tool", "function": "tool"}
+
+# Keys that make a JSON object a row of some format rather than one turn of a conversation.
+ROW_KEYS = {"messages", "conversations", "instruction", "output", "prompt", "completion", "chosen", "rejected", "text"}
+# Columns that carry content the model would see, which alignmerge does not put into the prompt: named once in a
+# warning when rows hold them, so a tool-calling or image dataset is not trained on without them unnoticed.
+UNUSED_CONTENT_COLUMNS = ("tools", "images", "videos", "audios")
+
+log = logging.getLogger(__name__)
 
 SFTFormat = Literal["messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 SFT_FORMATS: tuple[str, ...] = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -53,24 +62,32 @@ class Rows:
 # ---- reading -----------------------------------------------------------------------------------------------------
 
 
-def read_rows(source: str, split: str | None = None, limit: int | None = None) -> Rows:
-    """Read raw rows from a local jsonl/json/csv/parquet file, a built-in generator (`builtin:NAME`) or a hub dataset.
+def read_rows(source: str, split: str | None = None, limit: int | None = None, config: str | None = None) -> Rows:
+    """Read raw rows from a local jsonl/json/csv/parquet file, a local dataset dir, a built-in generator
+    (`builtin:NAME`) or a hub dataset.
 
-    `source` may carry a split as `NAME:SPLIT` for hub datasets; `--split` wins when both are given.
+    `source` may carry a split as `NAME:SPLIT` for hub datasets; `--split` wins when both are given. A dataset dir
+    (a hub dataset's files copied locally: `train.jsonl`/`test.jsonl`, or `data/` plus a README that declares its
+    configurations and splits) is read by `datasets` like a hub dataset, with its split and `config`. A single file
+    has neither, so a `config` is noted and ignored there.
     """
     if source.startswith("builtin:"):
         from align.core.demo import builtin_dataset
 
+        _note_config_ignored(source, config)
         rows = builtin_dataset(source.removeprefix("builtin:"), split or "train")
         locations = [f"{source}: row {i + 1}" for i in range(len(rows))]
     else:
         path = Path(source).expanduser()
-        if path.exists():
+        if path.is_dir():
+            rows, locations = _read_hub(str(path), split, _dir_config(path, config))
+        elif path.exists():
+            _note_config_ignored(source, config)
             rows, locations = _read_file(path)
         elif source.endswith((".jsonl", ".json", ".csv", ".parquet")) or "/" in source and source.startswith((".", "/")):
             raise DataError(f"data file not found: {source}")
         else:
-            rows, locations = _read_hub(source, split)
+            rows, locations = _read_hub(source, split, config)
     if limit is not None:
         rows, locations = rows[:limit], locations[:limit]
     if not rows:
@@ -84,11 +101,35 @@ MAX_LINE_BYTES = 256 * 1024 * 1024
 MAX_FILE_BYTES = 4 * 1024 * 1024 * 1024
 
 
+def _note_config_ignored(source: str, config: str | None) -> None:
+    if config is not None:
+        log.warning("%s: dataset configuration %r ignored (a single file has no configurations)", source, config)
+
+
+def _dir_config(path: Path, config: str | None) -> str | None:
+    """The configuration to read a local dataset dir with: `config` where the dir declares configurations (as a hub
+    dataset's README does), else None with a note (datasets names the one configuration of a plain dir `default`)."""
+    if config is None:
+        return None
+    import datasets
+
+    try:
+        names = datasets.get_dataset_config_names(str(path))
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for a dir it cannot read
+        raise DataError(f"{path}: is a directory that cannot be read as a dataset ({_first_line(exc)})") from None
+    if names == ["default"] and config != "default":
+        _note_config_ignored(str(path), config)
+        return None
+    return config
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a local file. UTF-8 with or without a byte-order mark, LF or CRLF line ends (what Windows editors and
     Excel write); anything else is one DataError naming the file, the line or row, and what was wrong."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a .jsonl, .json, .csv or .parquet file")
     suffix = path.suffix.lower()
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
@@ -161,13 +202,23 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}
+        data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}, or {"conversations": [turns]}
+    if _all_turns(data):  # the turns of one conversation, as axolotl's fixtures store one
+        data = [{"conversations" if "from" in data[0] else "messages": data}]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of objects (or one key holding a list), got {type(data).__name__}")
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i + 1}: expected a JSON object, got {type(row).__name__}")
     return data, [f"{path}: row {i + 1}" for i in range(len(data))]
+
+
+def _all_turns(items: Any) -> bool:
+    """Whether a JSON list holds the turns of one conversation (ShareGPT `from`/`value` or `role`/`content`
+    objects) rather than rows: a single conversation saved as a .json file, as axolotl's fixtures are."""
+    return (isinstance(items, list) and bool(items)
+            and all(isinstance(t, dict) and ({"from", "value"} <= set(t) or {"role", "content"} <= set(t))
+                    and not set(t) & ROW_KEYS for t in items))
 
 
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -198,23 +249,32 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, [f"{path}: row {i + 1}" for i in range(len(rows))]
 
 
-def _read_hub(source: str, split: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+def _read_hub(source: str, split: str | None, config: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """A hub dataset, or a local dataset dir (which `datasets` reads the same way)."""
     import datasets
 
-    name, _, inline_split = source.partition(":")
+    local = Path(source).is_dir()
+    name, _, inline_split = (source, "", "") if local else source.partition(":")
     split = split or inline_split or "train"
+    what = f"dataset dir {name}" if local else f"hub dataset '{name}'"
     try:
-        dataset = datasets.load_dataset(name, split=split)
-    except FileNotFoundError:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except FileNotFoundError as exc:
+        if local:
+            raise DataError(f"{name}: is a directory with no data files datasets can read "
+                            f"({_first_line(exc)})") from None
         raise DataError(f"data not found: '{source}' is neither a local file nor a reachable hub dataset") from None
     except (ConnectionError, OSError) as exc:
-        raise DataError(
-            f"hub dataset '{name}' could not be loaded (offline and not cached?): {str(exc).splitlines()[0]}"
-        ) from None
-    except ValueError as exc:
-        raise DataError(f"hub dataset '{name}': {str(exc).splitlines()[0]}") from None
+        raise DataError(f"{what} could not be loaded (offline and not cached?): {_first_line(exc)}") from None
+    except (ValueError, KeyError) as exc:  # an unknown split or configuration; files datasets cannot parse
+        raise DataError(f"{what}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - datasets' own errors (a dir of mixed files, a broken data file)
+        if not local:
+            raise
+        raise DataError(f"{name}: is a directory that cannot be read as a dataset ({_first_line(exc)})") from None
     rows = [dict(r) for r in dataset]
-    return rows, [f"{name}[{split}]: row {i + 1}" for i in range(len(rows))]
+    where = f"{name}[{config}/{split}]" if config else f"{name}[{split}]"
+    return rows, [f"{where}: row {i + 1}" for i in range(len(rows))]
 
 
 # ---- SFT formats -------------------------------------------------------------------------------------------------
@@ -249,6 +309,29 @@ def text_field(value: Any, where: str, fieldname: str, allow_empty: bool = False
     return value
 
 
+def message_content(value: Any, where: str, fieldname: str) -> str:
+    """A message's content: a string, or a list of parts as OpenAI writes them (`{"type": "text", "text": ...}`;
+    LLaMA-Factory's v1 data writes `"value"`), whose text parts are joined. Only text is trained on, so any other
+    part (an image, audio) is refused rather than dropped."""
+    if not isinstance(value, list):
+        return text_field(value, where, fieldname)
+    texts = []
+    for j, part in enumerate(value):
+        name = f"{fieldname}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"a {kind!r} part" if isinstance(kind, str) else f"a part without a text type ({_shown(part)})"
+            raise field_error(where, name, f"{what}: only text content is supported")
+        key = "text" if "text" in part else "value"
+        texts.append(text_field(part.get(key), where, f"{name}.{key}", allow_empty=True))
+    return text_field("".join(texts), where, fieldname)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def check_messages(value: Any, where: str, fieldname: str, need_assistant: bool = True) -> list[dict[str, str]]:
     """Validate a list of {role, content} messages; return clean copies (only role and content)."""
     if value is None:
@@ -267,7 +350,7 @@ def check_messages(value: Any, where: str, fieldname: str, need_assistant: bool 
             raise field_error(where, f"{name}.role", "missing")
         if role not in ROLES:
             raise field_error(where, f"{name}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        clean.append({"role": role, "content": text_field(message.get("content"), where, f"{name}.content")})
+        clean.append({"role": role, "content": message_content(message.get("content"), where, f"{name}.content")})
     if need_assistant and not any(m["role"] == "assistant" for m in clean):
         raise field_error(where, fieldname, "no assistant message to learn from")
     return clean
@@ -280,36 +363,49 @@ def as_messages(value: Any, role: str, where: str, fieldname: str) -> list[dict[
     return check_messages(value, where, fieldname, need_assistant=False)
 
 
+def sharegpt_turn(turn: Any, where: str, fieldname: str) -> dict[str, Any]:
+    """One ShareGPT turn (`from`/`value`) as a message; roles as ShareGPT and LLaMA-Factory name them (human, gpt,
+    system, function_call, observation, ...). The content is checked with the conversation."""
+    if not isinstance(turn, dict):
+        raise field_error(where, fieldname, "expected an object with from and value")
+    speaker = turn.get("from")
+    if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+        raise field_error(where, f"{fieldname}.from", "missing" if speaker is None else
+                          f"unknown role {speaker!r} (expected human, gpt, system, function_call or observation)")
+    return {"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")}
+
+
+def sharegpt_messages(row: dict[str, Any], where: str, need_assistant: bool = True) -> list[dict[str, str]]:
+    """A row's `conversations` (plus its optional `system` column) as checked messages."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list):
+        raise field_error(where, "conversations", "missing" if turns is None else "expected a list of turns")
+    messages = [sharegpt_turn(turn, where, f"conversations[{i}]") for i, turn in enumerate(turns)]
+    if row.get("system"):
+        messages.insert(0, {"role": "system", "content": row["system"]})
+    return check_messages(messages, where, "conversations", need_assistant)
+
+
+def alpaca_prompt(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """Alpaca's `instruction` (with its optional `input` below it, and `system`) as the prompt's messages."""
+    instruction = text_field(row.get("instruction"), where, "instruction")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise field_error(where, "input", f"expected a string, got {type(extra).__name__}")
+    prompt = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction}]
+    if row.get("system"):
+        prompt.insert(0, {"role": "system", "content": text_field(row["system"], where, "system")})
+    return prompt
+
+
 def normalize_sft_row(row: dict[str, Any], fmt: SFTFormat, where: str) -> dict[str, Any]:
     if fmt == "messages":
         return {"messages": check_messages(row.get("messages"), where, "messages")}
     if fmt == "sharegpt":
-        turns = row.get("conversations")
-        if not isinstance(turns, list):
-            raise field_error(where, "conversations", "missing" if turns is None else "expected a list of turns")
-        messages = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict):
-                raise field_error(where, f"conversations[{i}]", "expected an object with from and value")
-            speaker = turn.get("from")
-            if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
-                raise field_error(where, f"conversations[{i}].from",
-                            "missing" if speaker is None else f"unknown role {speaker!r} (expected human, gpt, system)")
-            messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
-        if row.get("system"):
-            messages.insert(0, {"role": "system", "content": row["system"]})
-        return {"messages": check_messages(messages, where, "conversations")}
+        return {"messages": sharegpt_messages(row, where)}
     if fmt == "alpaca":
-        instruction = text_field(row.get("instruction"), where, "instruction")
-        extra = row.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise field_error(where, "input", f"expected a string, got {type(extra).__name__}")
-        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        messages = [{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": text_field(row.get("output"), where, "output")}]
-        if row.get("system"):
-            messages.insert(0, {"role": "system", "content": text_field(row["system"], where, "system")})
-        return {"messages": messages}
+        answer = {"role": "assistant", "content": text_field(row.get("output"), where, "output")}
+        return {"messages": alpaca_prompt(row, where) + [answer]}
     if fmt == "prompt_completion":
         prompt = as_messages(row.get("prompt"), "user", where, "prompt")
         completion = as_messages(row.get("completion"), "assistant", where, "completion")
@@ -340,6 +436,7 @@ def normalize_rows(
             f"{rows.locations[0]}: cannot detect the data format from fields {sorted(rows.rows[0])} "
             f"(expected one of {', '.join(formats)}; force one with --format)"
         )
+    warn_unused_columns(rows)
     out = []
     rows.kept = []
     for row, where in zip(rows.rows, rows.locations):
@@ -356,26 +453,53 @@ def normalize_rows(
     return out, chosen
 
 
+def warn_unused_columns(rows: Rows) -> None:
+    """Name, once per source, each column that holds content no format here puts into the prompt."""
+    for column in UNUSED_CONTENT_COLUMNS:
+        holding = sum(1 for row in rows.rows if _holds(row.get(column)))
+        if holding:
+            log.warning("%s: column '%s' (in %d of %d rows) is not used: alignmerge trains on the conversation's "
+                        "text only", rows.source, column, holding, len(rows))
+
+
+def _holds(value: Any) -> bool:
+    """Whether a column's value has content: LLaMA-Factory writes no tools as the JSON text "[]"."""
+    if isinstance(value, str):
+        value = value.strip()
+        return value not in ("", "[]", "{}", "null")
+    return value not in (None, [], {})
+
+
+def hold_out(rows: list[Any], size: float, seed: int, where: str) -> tuple[list[Any], list[Any]]:
+    """(kept, held out): a seeded random `size` of the rows, a share below 1 (at least one row) or a row count, as
+    the handbook's `test_split_size` is written either way. Both keep the rows' order. Which positions are held out
+    depends only on the count, so rows and their locations split alike."""
+    count = int(size) if size >= 1 else max(1, int(len(rows) * size))
+    if count >= len(rows):
+        raise DataError(f"{where}: eval_size {size:g} holds out {count} of {len(rows)} rows, leaving none to train on")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
 def load_sft_data(
     source: str,
     fmt: str | None = None,
     split: str | None = None,
     limit: int | None = None,
     skip_invalid: bool = False,
+    config: str | None = None,
 ) -> tuple[list[dict[str, Any]], str, Rows]:
     """Read and normalize SFT rows. Returns (normalized rows, detected format, raw Rows with skip counts)."""
-    rows = read_rows(source, split, limit)
+    return normalize_sft_rows(read_rows(source, split, limit, config), fmt, skip_invalid)
+
+
+def normalize_sft_rows(rows: Rows, fmt: str | None = None, skip_invalid: bool = False
+                       ) -> tuple[list[dict[str, Any]], str, Rows]:
+    """Detect (or check) the SFT format of raw rows and normalize them, as `load_sft_data` returns them."""
     normalized, chosen = normalize_rows(rows, fmt, normalize_sft_row, detect_sft_format, SFT_FORMATS, skip_invalid)
     return normalized, chosen, rows
-
-
-def hold_out(items: list[Any], share: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """(kept, held out): a seeded random `share` of the items, at least one. Which positions are held out depends
-    only on the count, so rows and their locations split alike."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    held = set(order[: max(1, int(len(items) * share))])
-    return [r for i, r in enumerate(items) if i not in held], [r for i, r in enumerate(items) if i in held]
 
 
 def fingerprint_rows(rows: Iterable[dict[str, Any]]) -> str:
@@ -474,21 +598,3 @@ def render_loss_tokens(tokenizer: Any, example: dict[str, list[int]]) -> str:
     if in_loss:
         parts.append("]]")
     return "".join(parts)
-
-
-def inspect_data(source: str, tokenizer: Any, fmt: str | None = None, split: str | None = None,
-                 limit: int | None = None, loss_on: LossOn = "assistant") -> dict[str, Any]:
-    """Everything `align data inspect` prints: format, counts, token-length stats, one rendered example."""
-    rows, detected, raw = load_sft_data(source, fmt, split, limit)
-    tokenized = tokenize_sft_rows(tokenizer, rows, loss_on)
-    lengths = [len(t["input_ids"]) for t in tokenized]
-    loss_tokens = [sum(1 for label in t["labels"] if label != -100) for t in tokenized]
-    return {
-        "source": source,
-        "format": detected,
-        "rows": len(rows),
-        "tokens": length_stats(lengths),
-        "loss_tokens": length_stats(loss_tokens),
-        "example": render_loss_tokens(tokenizer, tokenized[0]),
-        "fingerprint": fingerprint_rows(rows),
-    }

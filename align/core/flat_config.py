@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from align.core.errors import AlignError, did_you_mean
+from align.core.trl_fields import RENAMED_FIELDS, eval_strategy
 
 # ModelConfig / ScriptArguments / handbook keys that map one to one onto a recipe key.
 RENAMED: dict[str, str] = {
@@ -27,11 +28,10 @@ RENAMED: dict[str, str] = {
     "use_dora": "lora.dora",
     "dataset_name": "data.path",
     "dataset_train_split": "data.split",
+    "dataset_config": "data.config",
+    "chat_template": "model.chat_template",
     "output_dir": "output",
     "overwrite_output_dir": "overwrite",
-    # names older TRL / transformers releases used, still in handbook recipes
-    "max_seq_length": "train.max_length",
-    "evaluation_strategy": "train.eval_strategy",
 }
 
 # Keys alignmerge cannot honour, accepted only at the value TRL (or the handbook) defaults to, and why.
@@ -44,13 +44,12 @@ DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "lora_modules_to_save": ((None, []), "the adapter holds LoRA weights only"),
     "lora_target_parameters": ((None, []), "LoRA targets modules (lora_target_modules)"),
     "lora_task_type": (("CAUSAL_LM",), "adapters are for causal language models"),
-    "dataset_config": ((None,), "hub datasets are read in their default configuration"),
     "dataset_streaming": ((False,), "datasets are read whole"),
     "use_peft": ((True,), "alignmerge trains LoRA adapters only (use_peft: true)"),
-    "chat_template": ((None,), "the model's own chat template is used (ChatML when it has none)"),
 }
 
-# Keys with no effect on what is trained (process counts, TRL script switches), accepted and dropped.
+# Keys with no effect on what is trained (process counts, TRL script switches), accepted and dropped; the eval
+# splits are read by `_eval_split`.
 IGNORED = ("preprocessing_num_workers", "ignore_bias_buffers", "dataset_test_split", "dataset_splits",
            "gradient_checkpointing_use_reentrant")
 
@@ -61,7 +60,7 @@ SPECIAL = ("report_to", "dtype", "torch_dtype", "load_in_4bit", "load_in_8bit", 
 def flat_keys(trl_config: type) -> set[str]:
     """Every key a flat config may hold besides recipe fields."""
     trainer = {f.name for f in dataclasses.fields(trl_config)}
-    return trainer | set(RENAMED) | set(DEFAULT_ONLY) | set(IGNORED) | set(SPECIAL)
+    return trainer | set(RENAMED_FIELDS) | set(RENAMED) | set(DEFAULT_ONLY) | set(IGNORED) | set(SPECIAL)
 
 
 def is_flat_config(data: dict[str, Any], recipe_fields: set[str], trl_config: type | None) -> bool:
@@ -92,13 +91,13 @@ def flat_to_recipe(data: dict[str, Any], recipe_fields: set[str], trl_config: ty
             _special(recipe, key, value, flat, where)
         elif key in IGNORED:
             continue
-        elif key in trainer:
+        elif key in trainer or key in RENAMED_FIELDS:  # a renamed field gets its installed name in build_recipe
             set_path(recipe, f"train.{key}", value)
         else:
             hint = did_you_mean(key, sorted(flat_keys(trl_config) | recipe_fields))
             raise AlignError(f"{where}: unknown key '{key}'{hint} (a flat config takes {trl_config.__name__}, "
                              "ModelConfig and ScriptArguments fields)")
-    _eval_split(recipe, flat)
+    _eval_split(recipe, flat, where)
     return recipe
 
 
@@ -128,23 +127,30 @@ def _special(recipe: dict[str, Any], key: str, value: Any, flat: dict[str, Any],
     elif key == "dataset_mixer":
         if not isinstance(value, dict):
             raise AlignError(f"{where}: dataset_mixer: expected a mapping of dataset to weight")
-        splits = flat.get("dataset_splits") or []
-        split = next((s for s in splits if "train" in str(s)), None)
+        split = _split_named(flat, "train")
         set_path(recipe, "data.mixture", [_source(path, split, weight=weight) for path, weight in value.items()])
 
 
-def _source(path: str, split: Any, weight: Any = None) -> dict[str, Any]:
+def _split_named(flat: dict[str, Any], kind: str) -> str | None:
+    """The handbook's older `dataset_splits` list names a train and a test split (`train_prefs`, `test_prefs`)."""
+    return next((str(s) for s in flat.get("dataset_splits") or [] if kind in str(s)), None)
+
+
+def _source(path: str, split: Any, weight: Any = None, config: Any = None) -> dict[str, Any]:
     source: dict[str, Any] = {"path": str(path)}
     if split:
         source["split"] = str(split)
+    if config is not None:
+        source["config"] = str(config)
     if weight is not None and float(weight) != 1.0:
         source["weight"] = float(weight)
     return source
 
 
 def mixture_from_dataset_mixture(recipe: dict[str, Any], value: Any, where: str | Path) -> None:
-    """TRL's DatasetMixtureConfig (`path`, `data_files`, `split`, `fraction`) and the handbook's (`id`, `config`,
-    `split`, `weight`, plus `seed`) as data.mixture; `test_split_size` becomes data.eval_size."""
+    """TRL's DatasetMixtureConfig (`path`, `name`, `data_files`, `split`, `fraction`) and the handbook's (`id`,
+    `config`, `split`, `weight`, plus `seed`) as data.mixture; `test_split_size` (a share or a row count, as the
+    handbook writes it) becomes data.eval_size."""
     from align.core.config import set_path
 
     if not isinstance(value, dict) or not isinstance(value.get("datasets"), list):
@@ -154,11 +160,11 @@ def mixture_from_dataset_mixture(recipe: dict[str, Any], value: Any, where: str 
         here = f"{where}: dataset_mixture.datasets[{index}]"
         if not isinstance(entry, dict):
             raise AlignError(f"{here}: expected a mapping")
-        for unsupported in ("name", "config", "data_dir"):
-            if entry.get(unsupported) is not None:
-                raise AlignError(f"{here}: {unsupported} is not supported (give a file or a dataset id)")
+        if entry.get("data_dir") is not None:
+            raise AlignError(f"{here}: data_dir is not supported (give a file, a dataset dir or a dataset id)")
         path = _dataset_path(entry, here)
-        sources.append(_source(path, entry.get("split"), entry.get("weight", entry.get("fraction"))))
+        sources.append(_source(path, entry.get("split"), entry.get("weight", entry.get("fraction")),
+                               entry.get("config", entry.get("name"))))
     set_path(recipe, "data.mixture", sources)
     if value.get("test_split_size") is not None:
         set_path(recipe, "data.eval_size", value["test_split_size"])
@@ -182,12 +188,27 @@ def _dataset_path(entry: dict[str, Any], where: str) -> str:
     return str(path)
 
 
-def _eval_split(recipe: dict[str, Any], flat: dict[str, Any]) -> None:
-    """TRL's scripts evaluate on dataset_test_split of a hub dataset_name when an eval strategy is set (a local
-    file has no splits: hold rows out with data.eval_size instead)."""
-    strategy = recipe.get("train", {}).get("eval_strategy", "no")
-    name = flat.get("dataset_name")
+def _eval_split(recipe: dict[str, Any], flat: dict[str, Any], where: str | Path) -> None:
+    """The eval set TRL's and the handbook's scripts evaluate on when an eval strategy is set: dataset_name's
+    `dataset_test_split` (TRL's default `test`), or the test split in the older `dataset_splits` list, of a hub
+    dataset or a local dataset dir. A single file has no splits: a test split named for one is refused."""
+    train = recipe.get("train", {})
     data = recipe.setdefault("data", {})
-    if strategy != "no" and name and not Path(str(name)).exists() and "eval_path" not in data:
-        data["eval_path"] = str(name)
-        data["eval_split"] = str(flat.get("dataset_test_split") or "test")
+    if eval_strategy(train) == "no" or "eval_path" in data or data.get("eval_size"):
+        return
+    if flat.get("dataset_name"):
+        name, split, key = str(flat["dataset_name"]), flat.get("dataset_test_split"), "dataset_test_split"
+    elif isinstance(flat.get("dataset_mixer"), dict) and _split_named(flat, "test"):
+        names, split, key = list(flat["dataset_mixer"]), _split_named(flat, "test"), "dataset_splits"
+        if len(names) != 1:
+            raise AlignError(f"{where}: {key}: an eval split of {len(names)} mixed datasets is not supported (give "
+                             "the eval dataset as data.eval_path, or hold rows out with data.eval_size)")
+        name = str(names[0])
+    else:
+        return
+    if Path(name).is_file():
+        if split is not None:
+            raise AlignError(f"{where}: {key}: {name} is a single file, which has no '{split}' split (point "
+                             "dataset_name at a dataset dir, or hold rows out with data.eval_size)")
+        return
+    data["eval_path"], data["eval_split"] = name, str(split or "test")

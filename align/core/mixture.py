@@ -1,8 +1,10 @@
 """Dataset mixtures: several sources, each taken whole, as `rows` of it, or as a `weight` share of it.
 
-Each source is read and normalized on its own (sources may differ in format), then sampled with a seeded random
-generator of its own, so one source's size never changes what is drawn from another. Sampled rows keep their
-order in the source and sources follow each other in recipe order; the trainer shuffles.
+Each source is read on its own, sampled with a seeded random generator of its own (so one source's size never
+changes what is drawn from another), and only then normalized, sources possibly differing in format. Sampled rows
+keep their order in the source and sources follow each other in recipe order; the trainer shuffles. A `limit` cuts
+the mix before any row is checked, as `--limit` cuts a single file before its rows are read: rows that are not
+used are never validated, whether there is one source or several.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from align.core.config import MixtureSource
-from align.core.data import DataError, Rows, fingerprint_rows
+from align.core.data import DataError, Rows, fingerprint_rows, read_rows
 
-# Reads one source: (normalized rows, detected format, the raw Rows with skip counts), as load_sft_data returns.
-SourceLoader = Callable[[MixtureSource], tuple[list[dict[str, Any]], str, Rows]]
+# Normalizes one source's taken raw rows: (normalized items, detected format). It may count skipped rows on the Rows.
+SourceNormalizer = Callable[[MixtureSource, Rows], tuple[list[dict[str, Any]], str]]
 
 
 @dataclass
@@ -41,44 +43,52 @@ class Mixture:
                                             kept=self.locations)
 
 
-def mix_sources(sources: list[MixtureSource], load: SourceLoader, seed: int, limit: int | None = None) -> Mixture:
-    """Read every source with `load`, take what each asks for, and concatenate (the first `limit` rows)."""
+def mix_sources(sources: list[MixtureSource], normalize: SourceNormalizer, seed: int,
+                limit: int | None = None) -> Mixture:
+    """Read every source, take what each asks for, keep the first `limit` rows of the mix, normalize them."""
     mixed: list[dict[str, Any]] = []
     locations: list[str] = []
     record: list[dict[str, Any]] = []
-    skipped, problems = 0, []
+    skipped, problems, used = 0, [], 0
     for index, source in enumerate(sources):
-        rows, fmt, raw = load(source)
-        picked = take_rows(list(range(len(rows))), source, seed, f"data.mixture[{index}] ({source.path})")
-        taken = [rows[i] for i in picked]
-        mixed += taken
-        locations += [raw.kept[i] for i in picked]
-        skipped += raw.skipped
-        problems += raw.problems
-        record.append({"path": source.path, "split": source.split, "format": fmt, "available": len(rows),
-                       "taken": len(taken), "rows": source.rows, "weight": source.weight,
-                       "fingerprint": fingerprint_rows(taken)})
-    return Mixture(mixed[:limit], record, skipped, problems, locations[:limit])
+        left = None if limit is None else limit - used  # rows, as --limit counts a single file's
+        if left == 0:
+            break
+        raw = read_rows(source.path, source.split, config=source.config)
+        picked = take_indices(len(raw), source, seed, f"data.mixture[{index}] ({source.path})")[:left]
+        used += len(picked)
+        taken = Rows(raw.source, [raw.rows[i] for i in picked], [raw.locations[i] for i in picked])
+        items, fmt = normalize(source, taken)
+        mixed += items
+        locations += taken.kept
+        skipped += taken.skipped
+        problems += taken.problems
+        record.append({"path": source.path, "split": source.split, "format": fmt, "available": len(raw),
+                       "taken": len(items), "rows": source.rows, "weight": source.weight,
+                       "fingerprint": fingerprint_rows(items)})
+    return Mixture(mixed, record, skipped, problems, locations)
 
 
-def take_rows(rows: list[Any], source: MixtureSource, seed: int, where: str) -> list[Any]:
-    """All rows, `source.rows` of them, or a `source.weight` share (whole repeats plus a sample for the fraction).
+def take_indices(available: int, source: MixtureSource, seed: int, where: str) -> list[int]:
+    """Which of a source's rows it contributes: all, `source.rows` of them, or a `source.weight` share (whole
+    repeats plus a sample for the fraction).
 
     The generator is seeded with the seed and the source's path, so the draw depends on nothing else."""
     rng = random.Random(f"{seed}:{source.path}:{source.split}")
+    everything = list(range(available))
     if source.rows is not None:
-        if source.rows > len(rows):
-            raise DataError(f"{where}: rows {source.rows} asked, but the source has only {len(rows)}")
-        return sample_in_order(rows, source.rows, rng)
+        if source.rows > available:
+            raise DataError(f"{where}: rows {source.rows} asked, but the source has only {available}")
+        return sample_in_order(available, source.rows, rng)
     if source.weight is None:
-        return list(rows)
+        return everything
     repeats = math.floor(source.weight)
-    extra = round((source.weight - repeats) * len(rows))
-    taken = rows * repeats + sample_in_order(rows, extra, rng)
+    extra = round((source.weight - repeats) * available)
+    taken = everything * repeats + sample_in_order(available, extra, rng)
     if not taken:
-        raise DataError(f"{where}: weight {source.weight} of {len(rows)} rows takes no row")
+        raise DataError(f"{where}: weight {source.weight} of {available} rows takes no row")
     return taken
 
 
-def sample_in_order(rows: list[Any], count: int, rng: random.Random) -> list[Any]:
-    return [rows[i] for i in sorted(rng.sample(range(len(rows)), count))]
+def sample_in_order(available: int, count: int, rng: random.Random) -> list[int]:
+    return sorted(rng.sample(range(available), count))

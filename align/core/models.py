@@ -348,10 +348,12 @@ def quantization_config(quantize: Quantize | None, compute_dtype: torch.dtype) -
     raise AlignError(f"unknown --quantize '{quantize}' (choose 4bit or 8bit)")
 
 
-def load_tokenizer(resolved: ResolvedModel) -> Any:
+def load_tokenizer(resolved: ResolvedModel, chat_template: str | None = None) -> Any:
     """The tokenizer for a model, ready for chat training: a chat template, and a pad token distinct from EOS.
 
     An adapter dir's own tokenizer wins over its base's, since SFT may have added tokens or a template.
+    `chat_template` (the recipe's model.chat_template) replaces the model's own template; an adapter keeps the one
+    it was trained with, so a different one is refused there.
     """
     from transformers import AutoTokenizer
 
@@ -359,9 +361,26 @@ def load_tokenizer(resolved: ResolvedModel) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(resolved))
     except OSError as exc:
         raise _load_error(resolved, exc) from None
+    if chat_template is not None:
+        use_chat_template(tokenizer, chat_template, resolved)
     ensure_chat_template(tokenizer)
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def use_chat_template(tokenizer: Any, chat_template: str, resolved: ResolvedModel) -> None:
+    """Put the recipe's chat template on the tokenizer, once it is known to render a conversation."""
+    if resolved.adapter is not None and _has_tokenizer(resolved.adapter) and tokenizer.chat_template \
+            and tokenizer.chat_template != chat_template:
+        raise AlignError(f"model.chat_template differs from the template the adapter {resolved.adapter} was trained "
+                         "with (its saved tokenizer's): continuing it needs that template, so drop chat_template")
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    try:
+        tokenizer.apply_chat_template(probe, tokenize=False, chat_template=chat_template)
+    except Exception as exc:  # noqa: BLE001 - jinja raises syntax, undefined and user-raised errors alike
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise AlignError(f"model.chat_template: cannot render a conversation ({type(exc).__name__}: {first})") from None
+    tokenizer.chat_template = chat_template
 
 
 def tokenizer_source(resolved: ResolvedModel) -> str:

@@ -17,7 +17,7 @@ import click
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from align.core.config import Flag, TrainRecipe
+from align.core.config import Flag, SFTRecipe, TrainRecipe
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,16 @@ def find_field(model: type[BaseModel], key: str) -> FlaggedField:
 def recipe_default(model: type[BaseModel], key: str) -> Any:
     """A recipe field's default, for commands that plan a run without a recipe (`align estimate`)."""
     return find_field(model, key).field.get_default(call_default_factory=True)
+
+
+def recipe_option(key: str, *names: str, **kwargs: Any) -> Any:
+    """An option of a command that is not a training command (`align estimate`, `align data inspect`) with the
+    default and help of the `align sft` recipe field `key`, so it looks at the run the training command would do
+    when neither is given a flag."""
+    field = find_field(SFTRecipe, key)
+    kwargs.setdefault("help", field.help)
+    return click.option(*names, default=field.field.get_default(call_default_factory=True), show_default=True,
+                        **kwargs)
 
 
 class ShownDefaultOption(click.Option):

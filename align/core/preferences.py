@@ -1,7 +1,12 @@
 """Preference data: every preference format becomes {"prompt": [messages ending in a user turn], "chosen":
 [assistant messages], "rejected": [assistant messages]}, TRL's conversational preference form, rendered with the
 model's chat template. Formats: explicit prompt/chosen/rejected, implicit (two full conversations), Anthropic HH
-transcripts, and UltraFeedback-style scored completions. Files are read by align.core.data, as for SFT."""
+transcripts, UltraFeedback-style scored completions, and LLaMA-Factory's ranking layouts (ShareGPT `conversations`
+with one `chosen` and one `rejected` turn; Alpaca `instruction`/`input` with `chosen`/`rejected` strings).
+
+Unpaired preference data (KTO: one completion and a true/false label) becomes TRL's conversational unpaired form
+{"prompt": [...], "completion": [assistant messages], "label": bool}: any SFT layout plus LLaMA-Factory's `label` or
+`kto_tag` column, the labelled turn being the last assistant turn. Files are read by align.core.data, as for SFT."""
 
 from __future__ import annotations
 
@@ -10,12 +15,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from align.core.data import (
-    DataError, Rows, as_messages, check_messages, field_error, normalize_rows, read_rows, text_field,
+    DataError, Rows, alpaca_prompt, as_messages, check_messages, detect_sft_format, field_error, normalize_rows,
+    normalize_sft_row, read_rows, sharegpt_messages, sharegpt_turn, text_field,
 )
 from align.core.errors import AlignError
 
-PreferenceFormat = Literal["explicit", "implicit", "hh", "scored"]
-PREFERENCE_FORMATS: tuple[str, ...] = ("explicit", "implicit", "hh", "scored")
+PreferenceFormat = Literal["explicit", "implicit", "hh", "scored", "sharegpt_ranking", "alpaca_ranking"]
+PREFERENCE_FORMATS: tuple[str, ...] = ("explicit", "implicit", "hh", "scored", "sharegpt_ranking", "alpaca_ranking")
+UNPAIRED_FORMATS: tuple[str, ...] = ("kto",)
+LABEL_COLUMNS = ("kto_tag", "label")  # LLaMA-Factory's column name, and the name its demo files and TRL use
 PairSelection = Literal["best_worst", "all"]
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -27,6 +35,10 @@ SCORED_SCORE_KEYS = ("score", "overall_score", "rating", "fine-grained_score")
 def detect_preference_format(row: dict[str, Any]) -> PreferenceFormat | None:
     keys = set(row)
     if {"chosen", "rejected"} <= keys:
+        if "conversations" in keys:
+            return "sharegpt_ranking"
+        if "instruction" in keys:
+            return "alpaca_ranking"
         if "prompt" in keys:
             return "explicit"
         chosen = row.get("chosen")
@@ -151,9 +163,25 @@ def scored_pairs(row: dict[str, Any], where: str, selection: PairSelection = "be
             for better, worse in candidates if better[0] - worse[0] > margin]
 
 
+def ranked_turn(value: Any, where: str, fieldname: str) -> list[dict[str, Any]]:
+    """A LLaMA-Factory ranking answer: one ShareGPT turn (`{"from": "gpt", "value": ...}`), or a list of them."""
+    turns = value if isinstance(value, list) else [value]
+    if value is None or not turns:
+        raise field_error(where, fieldname, "missing" if value is None else "empty")
+    names = [fieldname] if not isinstance(value, list) else [f"{fieldname}[{i}]" for i in range(len(turns))]
+    return check_messages([sharegpt_turn(t, where, n) for t, n in zip(turns, names)], where, fieldname,
+                          need_assistant=False)
+
+
 def normalize_preference_row(row: dict[str, Any], fmt: PreferenceFormat, where: str,
                              selection: PairSelection = "best_worst", margin: float = 0.0) -> dict[str, Any]:
     """One raw row into {"pairs": [...]}: a list, since a scored row can give several pairs (or none)."""
+    if fmt == "sharegpt_ranking":
+        prompt = sharegpt_messages(row, where, need_assistant=False)
+        return {"pairs": [_preference_pair(prompt, ranked_turn(row.get("chosen"), where, "chosen"),
+                                           ranked_turn(row.get("rejected"), where, "rejected"), where)]}
+    if fmt == "alpaca_ranking":
+        return {"pairs": [_preference_pair(alpaca_prompt(row, where), row.get("chosen"), row.get("rejected"), where)]}
     if fmt == "explicit":
         prompt = as_messages(row.get("prompt"), "user", where, "prompt")
         return {"pairs": [_preference_pair(prompt, row.get("chosen"), row.get("rejected"), where)]}
@@ -186,10 +214,15 @@ def load_preference_data(
     skip_invalid: bool = False,
     selection: PairSelection = "best_worst",
     margin: float = 0.0,
+    config: str | None = None,
 ) -> PreferenceData:
     """Read and normalize preference rows into conversational prompt/chosen/rejected pairs."""
-    rows = read_rows(source, split, limit)
+    return normalize_preference_rows(read_rows(source, split, limit, config), fmt, skip_invalid, selection, margin)
 
+
+def normalize_preference_rows(rows: Rows, fmt: str | None = None, skip_invalid: bool = False,
+                              selection: PairSelection = "best_worst", margin: float = 0.0) -> PreferenceData:
+    """Detect (or check) the preference format of raw rows and turn them into pairs, as `load_preference_data`."""
     def normalize(row: dict[str, Any], chosen_fmt: Any, where: str) -> dict[str, Any]:
         return normalize_preference_row(row, chosen_fmt, where, selection, margin)
 
@@ -198,5 +231,58 @@ def load_preference_data(
     pairs = [pair for row in normalized for pair in row["pairs"]]
     rows.kept = [where for row, where in zip(normalized, rows.kept) for _ in row["pairs"]]
     if not pairs:
-        raise DataError(f"{source}: no preference pair (every row's completions tie within the score margin {margin})")
+        raise DataError(f"{rows.source}: no preference pair (every row's completions tie within the score margin "
+                        f"{margin})")
     return PreferenceData(pairs, chosen, rows, sum(1 for row in normalized if not row["pairs"]))
+
+
+# ---- unpaired preference data (KTO) --------------------------------------------------------------------------------
+
+
+def detect_unpaired_format(row: dict[str, Any]) -> str | None:
+    """`kto` for a row with LLaMA-Factory's `kto_tag`, or a true/false `label` beside an SFT layout."""
+    if "kto_tag" in row or (isinstance(row.get("label"), bool) and detect_sft_format(row) not in (None, "text")):
+        return "kto"
+    return None
+
+
+def normalize_unpaired_row(row: dict[str, Any], fmt: str, where: str) -> dict[str, Any]:
+    """One labelled completion: the row's conversation in any SFT layout, split before its last assistant turn
+    (the completion the label judges), and the label."""
+    if fmt != "kto":
+        raise AlignError(f"unknown unpaired format '{fmt}'")
+    column = next((c for c in LABEL_COLUMNS if c in row), LABEL_COLUMNS[0])
+    label = row.get(column)
+    if not isinstance(label, bool):
+        raise field_error(where, column, "missing" if label is None else
+                          f"expected true or false, got {type(label).__name__} {str(label)[:40]!r}")
+    layout = detect_sft_format(row)
+    if layout in (None, "text"):
+        raise field_error(where, column, "no conversation to label (expected messages, conversations, "
+                                         "instruction/output or prompt/completion beside it)")
+    messages = normalize_sft_row(row, layout, where)["messages"]
+    if messages[-1]["role"] != "assistant":
+        raise field_error(where, layout, f"ends with a '{messages[-1]['role']}' turn; the labelled completion "
+                                         "must be the last turn, the assistant's")
+    if len(messages) < 2 or messages[-2]["role"] == "assistant":
+        raise field_error(where, layout, "no prompt turn before the labelled completion")
+    return {"prompt": messages[:-1], "completion": messages[-1:], "label": label}
+
+
+@dataclass
+class UnpairedData:
+    rows: list[dict[str, Any]]
+    format: str
+    raw: Rows
+
+
+def load_unpaired_data(source: str, fmt: str | None = None, split: str | None = None, limit: int | None = None,
+                       skip_invalid: bool = False, config: str | None = None) -> UnpairedData:
+    """Read and normalize labelled completions (KTO data) into TRL's conversational unpaired preference form."""
+    return normalize_unpaired_rows(read_rows(source, split, limit, config), fmt, skip_invalid)
+
+
+def normalize_unpaired_rows(rows: Rows, fmt: str | None = None, skip_invalid: bool = False) -> UnpairedData:
+    normalized, chosen = normalize_rows(rows, fmt, normalize_unpaired_row, detect_unpaired_format, UNPAIRED_FORMATS,
+                                        skip_invalid)
+    return UnpairedData(normalized, chosen, rows)

@@ -46,6 +46,18 @@ FIELD_RANGES: dict[str, Range] = {
     "warmup_ratio": UNIT_OPEN,
 }
 
+# Trainer fields that were renamed, as configs written for older TRL / transformers releases (every handbook recipe)
+# still spell them: old name -> the name that replaced it. A key takes the new name only where the installed config
+# class lacks the old one and has the new one, as `training.checkpointing_argument_names` does for checkpointing.
+RENAMED_FIELDS: dict[str, str] = {
+    "warmup_ratio": "warmup_steps",  # transformers 5.15 removed warmup_ratio; a warmup_steps below 1 is that share
+    "evaluation_strategy": "eval_strategy",  # transformers 4.46
+    "max_seq_length": "max_length",  # TRL 0.20
+    "no_cuda": "use_cpu",  # transformers 4.37
+    "push_to_hub_token": "hub_token",
+    "push_to_hub_model_id": "hub_model_id",
+}
+
 # Attention paths that keep packed sequences apart, and how (the one list: the packing decision and the recipe check
 # read it). Varlen kernels run each sequence alone (cu_seqlens). For sdpa and eager, transformers (5.17 to 5.25,
 # `masking_utils.find_packed_sequence_indices`) builds a block-diagonal causal mask from position ids that restart at
@@ -57,6 +69,36 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community
                     "kernels-community/flash-attn3")
 MASKED_ATTENTION = ("sdpa", "eager")
 PACKING_ATTENTION = VARLEN_ATTENTION + MASKED_ATTENTION
+
+
+def installed_field_names(train: dict[str, Any], config_cls: type, where: str) -> dict[str, Any]:
+    """`train` with each renamed field under the name the installed `config_cls` has (`RENAMED_FIELDS`).
+
+    `warmup_ratio` becomes `warmup_steps` only as a share: transformers reads a warmup_steps of 1 or more as a step
+    count, so a ratio outside [0, 1) is refused rather than turned into steps."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    renamed = dict(train)
+    for old, value in train.items():
+        new = RENAMED_FIELDS.get(old)
+        if old in names or new is None or new not in names:
+            continue
+        problem = range_problem(old, value)
+        if problem:
+            raise AlignError(f"{where}: train.{old}: {problem}, got {_shown(value)}")
+        if new in train and train[new] != value:
+            raise AlignError(f"{where}: train.{old} ({_shown(value)}) and train.{new} ({_shown(train[new])}) both "
+                             f"given: {old} is {new} in this version of {config_cls.__name__}, give one")
+        del renamed[old]
+        renamed[new] = value
+    return renamed
+
+
+def eval_strategy(train: dict[str, Any]) -> str:
+    """The eval strategy a `train` section asks for, as TrainingArguments reads it: "no" when unset (YAML 1.1 reads
+    an unquoted `no` as false)."""
+    value = train.get("eval_strategy", train.get("evaluation_strategy", "no"))
+    value = getattr(value, "value", value)
+    return "no" if value in (None, False, "no") else str(value)
 
 
 class _Refused(Exception):

@@ -41,8 +41,9 @@ class TrainStage(StageSpec):
         return data
 
     def recipe_fields(self) -> dict[str, Any]:
-        """The fields the stage passes on to its command's recipe."""
-        return self.model_dump(exclude={"name", "kind", "model", *PIPELINE_OWNED})
+        """The fields the stage passes on to its command's recipe: those it sets, so the recipe tells a value the
+        stage asked for from a default (a lora.* value is checked against an adapter being continued)."""
+        return self.model_dump(exclude={"name", "kind", "model", *PIPELINE_OWNED}, exclude_unset=True)
 
 
 PIPELINE_OWNED = ("output", "resume", "overwrite", "force")

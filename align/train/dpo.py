@@ -32,16 +32,16 @@ from transformers import set_seed
 
 from align.core.artifacts import Timer, partial_dir
 from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec, PreferenceRecipe, with_defaults
-from align.core.data import fingerprint_rows, hold_out
+from align.core.data import Rows, fingerprint_rows, hold_out
 from align.core.errors import AlignError
 from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
-from align.core.preferences import PreferenceData, load_preference_data
+from align.core.preferences import PreferenceData, load_preference_data, normalize_preference_rows
 from align.core.reference import ReferenceMode, parse_reference
 from align.train.training import (
-    attach_lora, check_run_inputs, finished_run, estimated_steps, final_metrics, finish_training, log_series, lora_config,
-    evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer, run_config, run_record, train,
-    trainer_arguments, training_run,
+    attach_lora, check_run_inputs, continued_lora, finished_run, estimated_steps, final_metrics, finish_training,
+    log_series, lora_config, evaluate_at_saves, plan_machine, prepare_quantized, progress_callback, quiet_trainer,
+    run_config, run_record, train, trainer_arguments, training_run,
 )
 from align.train.truncation import (
     check_eval_kept, check_prompts_fit, check_truncation, dpo_truncation, numbered, prompt_lengths,
@@ -171,14 +171,14 @@ def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
         mixture, loaded = preference_mixture(spec, recipe.train_seed)
     else:
         loaded = load_preference_data(spec.path, spec.format, spec.split, spec.limit, spec.skip_invalid, spec.pairs,
-                                      spec.score_margin)
+                                      spec.score_margin, spec.config)
     train, held, locations = loaded.pairs, [], loaded.raw.kept
     if spec.eval_path:
         held = load_preference_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid, spec.pairs,
-                                    spec.score_margin).pairs
+                                    spec.score_margin, spec.eval_config).pairs
     elif spec.eval_size > 0:
-        train, held = hold_out(train, spec.eval_size, recipe.train_seed)
-        locations, _ = hold_out(locations, spec.eval_size, recipe.train_seed)
+        train, held = hold_out(train, spec.eval_size, recipe.train_seed, loaded.raw.source)
+        locations, _ = hold_out(locations, spec.eval_size, recipe.train_seed, loaded.raw.source)
     if loaded.raw.skipped:
         import logging
 
@@ -200,16 +200,17 @@ def prepare_preference_data(recipe: DPORecipe) -> PreferenceSplits:
 
 
 def preference_mixture(spec: PreferenceDataSpec, seed: int) -> tuple[Mixture, PreferenceData]:
-    """data.mixture of preference sources: each read into pairs on its own, then pairs sampled with the seed."""
+    """data.mixture of preference sources: each source's rows sampled with the seed on its own, then turned into
+    pairs (a scored row may give several, or none)."""
     without_pair = []
 
-    def load(source: MixtureSource) -> Any:
-        loaded = load_preference_data(source.path, source.format or spec.format, source.split, None,
-                                      spec.skip_invalid, spec.pairs, spec.score_margin)
+    def normalize(source: MixtureSource, rows: Rows) -> tuple[list[dict[str, Any]], str]:
+        loaded = normalize_preference_rows(rows, source.format or spec.format, spec.skip_invalid, spec.pairs,
+                                           spec.score_margin)
         without_pair.append(loaded.rows_without_pair)
-        return loaded.pairs, loaded.format, loaded.raw
+        return loaded.pairs, loaded.format
 
-    mixture = mix_sources(spec.mixture or [], load, seed, spec.limit)
+    mixture = mix_sources(spec.mixture or [], normalize, seed, spec.limit)
     return mixture, PreferenceData(*mixture.as_loaded(), rows_without_pair=sum(without_pair))
 
 
@@ -516,7 +517,8 @@ def run_dpo(recipe: DPORecipe, progress: bool = True) -> Path:
     timer = Timer()
     with timer.phase("resolve_model"):
         policy, reference = plan_reference(recipe)
-        tokenizer = load_tokenizer(policy)
+        recipe = continued_lora(recipe, policy.adapter)
+        tokenizer = load_tokenizer(policy, recipe.model.chat_template)
     with timer.phase("data"):
         data = prepare_preference_data(recipe)
     reference = choose_reference(reference, recipe.train, len(data.train))

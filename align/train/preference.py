@@ -21,8 +21,9 @@ from align.core.models import load_tokenizer
 from align.train.dpo import REWARD_KEYS, final_rewards, load_policy, prepare_preference_data, resolve_policy
 from align.train.methods import METHODS
 from align.train.training import (
-    check_run_inputs, estimated_steps, evaluate_at_saves, final_metrics, finish_training, finished_run, log_series,
-    plan_machine, progress_callback, quiet_trainer, run_config, run_record, train, trainer_arguments, training_run,
+    check_run_inputs, continued_lora, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
+    finished_run, log_series, plan_machine, progress_callback, quiet_trainer, run_config, run_record, train,
+    trainer_arguments, training_run,
 )
 
 
@@ -60,7 +61,8 @@ def run_reference_free(recipe: PreferenceRecipe, how: ReferenceFreeTrainer, prog
     timer = Timer()
     with timer.phase("resolve_model"):
         policy = resolve_policy(recipe)
-        tokenizer = load_tokenizer(policy)
+        recipe = continued_lora(recipe, policy.adapter)
+        tokenizer = load_tokenizer(policy, recipe.model.chat_template)
     with timer.phase("data"):
         data = prepare_preference_data(recipe)
     steps = estimated_steps(recipe.train, len(data.train))

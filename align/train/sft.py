@@ -12,15 +12,15 @@ from typing import Any
 
 from align.core.artifacts import Timer, partial_dir
 from align.core.config import DataSpec, MixtureSource, SFTRecipe
-from align.core.data import fingerprint_rows, hold_out, load_sft_data, tokenize_sft_rows
+from align.core.data import Rows, fingerprint_rows, hold_out, load_sft_data, normalize_sft_rows, tokenize_sft_rows
 from align.core.errors import AlignError
 from align.core.mixture import Mixture, mix_sources
 from align.core.models import LoadOptions, load_model, load_tokenizer, resolve_model
 from align.core.template import template_contract
 from align.train.training import (
-    attach_lora, check_run_inputs, finished_run, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
-    log_series, plan_machine, progress_callback, quiet_trainer, run_config, run_record, train, trainer_arguments,
-    training_run,
+    attach_lora, check_run_inputs, continued_lora, finished_run, estimated_steps, evaluate_at_saves, final_metrics,
+    finish_training, log_series, plan_machine, progress_callback, quiet_trainer, run_config, run_record, train,
+    trainer_arguments, training_run,
 )
 from align.train.truncation import check_eval_kept, check_truncation, numbered, shortest_keeping, sft_truncation
 
@@ -39,14 +39,15 @@ def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
     spec = recipe.data
     mixture = sft_mixture(spec, recipe.train_seed) if spec.mixture else None
     rows, fmt, raw = mixture.as_loaded() if mixture else load_sft_data(spec.path, spec.format, spec.split, spec.limit,
-                                                                       spec.skip_invalid)
+                                                                       spec.skip_invalid, spec.config)
     locations = raw.kept
     eval_rows: list[dict[str, Any]] = []
     if spec.eval_path:
-        eval_rows, _, _ = load_sft_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid)
+        eval_rows, _, _ = load_sft_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid,
+                                        spec.eval_config)
     elif spec.eval_size > 0:
-        rows, eval_rows = hold_out(rows, spec.eval_size, recipe.train_seed)
-        locations, _ = hold_out(locations, spec.eval_size, recipe.train_seed)
+        rows, eval_rows = hold_out(rows, spec.eval_size, recipe.train_seed, raw.source)
+        locations, _ = hold_out(locations, spec.eval_size, recipe.train_seed, raw.source)
     train = tokenize_sft_rows(tokenizer, rows, spec.loss_on)
     if not any(any(label != -100 for label in t["labels"]) for t in train):
         raise AlignError(f"{spec.path}: no row has any token to learn from (loss_on={spec.loss_on})")
@@ -68,11 +69,12 @@ def prepare_sft_data(recipe: SFTRecipe, tokenizer: Any) -> SFTData:
 
 
 def sft_mixture(spec: DataSpec, seed: int) -> Mixture:
-    """data.mixture: each source read and normalized on its own, then sampled with the seed."""
-    def load(source: MixtureSource) -> Any:
-        return load_sft_data(source.path, source.format or spec.format, source.split, None, spec.skip_invalid)
+    """data.mixture: each source read and sampled with the seed on its own, then normalized."""
+    def normalize(source: MixtureSource, rows: Rows) -> tuple[list[dict[str, Any]], str]:
+        normalized, fmt, _ = normalize_sft_rows(rows, source.format or spec.format, spec.skip_invalid)
+        return normalized, fmt
 
-    return mix_sources(spec.mixture or [], load, seed, spec.limit)
+    return mix_sources(spec.mixture or [], normalize, seed, spec.limit)
 
 
 def sft_config(args: dict[str, Any]) -> Any:
@@ -94,7 +96,8 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> Path:
     timer = Timer()
     with timer.phase("resolve_model"):
         resolved = resolve_model(recipe.model.name)
-        tokenizer = load_tokenizer(resolved)
+        recipe = continued_lora(recipe, resolved.adapter)
+        tokenizer = load_tokenizer(resolved, recipe.model.chat_template)
     with timer.phase("data"):
         data = prepare_sft_data(recipe, tokenizer)
     steps = estimated_steps(recipe.train, len(data.train))

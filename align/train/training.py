@@ -51,6 +51,61 @@ def lora_config(spec: LoraSpec, task: str = "CAUSAL_LM") -> Any:
     )
 
 
+# A recipe's lora.* field and the adapter_config.json key that records it.
+ADAPTER_CONFIG_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+                       "rslora": "use_rslora", "dora": "use_dora", "init": "init_lora_weights"}
+
+
+def adapter_lora(adapter: Path) -> dict[str, Any]:
+    """An adapter's LoRA settings as recipe lora.* values, read from its adapter_config.json."""
+    from peft import PeftConfig
+
+    try:
+        config = PeftConfig.from_pretrained(str(adapter)).to_dict()
+    except (OSError, ValueError, TypeError) as exc:
+        raise AlignError(f"{adapter}: cannot read adapter_config.json ({str(exc).splitlines()[0]})") from None
+    own = {field: config.get(key) for field, key in ADAPTER_CONFIG_KEYS.items()}
+    own["target_modules"] = module_names(own["target_modules"])
+    own["init"] = "default" if own["init"] in (True, None) else str(own["init"])
+    return own
+
+
+def continued_lora(recipe: TrainRecipe, adapter: Path | None) -> TrainRecipe:
+    """The recipe a run that keeps training `adapter` actually runs: its lora section is the adapter's own shape,
+    since a saved adapter is trained as it is. A lora.* value the recipe sets that differs cannot apply, so it is
+    refused (before anything loads) rather than recorded in run.json as if it had."""
+    if adapter is None:
+        return recipe
+    own = adapter_lora(adapter)
+    given = recipe.lora.model_dump(include=recipe.lora.model_fields_set)
+    differ = [field for field, value in given.items()
+              if field in own and not _same_lora_value(field, value, own[field])]
+    if differ:
+        asked = ", ".join(f"lora.{f}={given[f]}" for f in differ)
+        theirs = ", ".join(f"{f}={own[f]}" for f in differ)
+        raise AlignError(f"{asked}: the adapter being continued ({adapter}) has {theirs}; continuing an adapter "
+                         "trains it as it was saved, so drop these lora settings or give the adapter's own values")
+    shape = {field: value for field, value in own.items() if field != "init"}  # how it began no longer applies
+    return recipe.model_copy(update={"lora": type(recipe.lora).model_validate({**recipe.lora.model_dump(), **shape})})
+
+
+def module_names(targets: Any) -> Any:
+    """LoRA target modules as sorted module names: PEFT saves an `all-linear` adapter's targets as full paths
+    (`model.layers.0.mlp.down_proj`), a listed one's as given; a regex string stays as it is."""
+    if isinstance(targets, (list, set, tuple)):
+        return sorted({str(t).rsplit(".", 1)[-1] for t in targets})
+    return targets
+
+
+def _same_lora_value(field: str, value: Any, own: Any) -> bool:
+    if field == "target_modules":
+        # all-linear is expanded into module names when an adapter is made, so any saved list may be what it meant
+        return value == "all-linear" or module_names([value] if isinstance(value, str) else value) == own
+    if field == "alpha" and value is None:
+        return True  # unset: 2*r by default, which the adapter's own alpha replaces
+    return value == own
+
+
 def check_lora_compatibility(recipe: TrainRecipe) -> None:
     """Incompatible flag combinations, caught before anything loads."""
     if recipe.lora.init == "loftq" and recipe.model.quantize:
@@ -328,7 +383,7 @@ def tracking_arguments(recipe: TrainRecipe) -> dict[str, Any]:
     after the output dir unless train.run_name says otherwise; `align run` names the project after its run dir.
     """
     asked = recipe.train.get("report_to", recipe.report_to)  # TRL's own field name wins when a recipe uses it
-    choice = asked if isinstance(asked, list) else resolve_report_to(str(asked))
+    choice = [resolve_report_to(str(c)) for c in asked] if isinstance(asked, list) else resolve_report_to(str(asked))
     arguments: dict[str, Any] = {
         "report_to": choice,
         "run_name": recipe.train.get("run_name") or Path(recipe.output or "run").name,
@@ -739,6 +794,7 @@ def run_record(
         "stage": stage,
         "recipe": recipe_dict(recipe),
         "model": resolved.describe(),
+        "adapter": trained_adapter(model),
         "machine_plan": plan.describe(),
         "trainer_args": {k: v for k, v in trainer_args.items() if k != "output_dir"},
         "data": data,
@@ -748,6 +804,18 @@ def run_record(
         **provenance(timings),
         **(extra or {}),
     }
+
+
+def trained_adapter(model: Any) -> dict[str, Any]:
+    """The shape of the adapter that was trained (the model's own "default" LoRA config), for run.json."""
+    while hasattr(model, "module") and not hasattr(model, "peft_config"):
+        model = model.module
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return {}
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+            "target_modules": module_names(config.target_modules),
+            "use_rslora": config.use_rslora, "use_dora": config.use_dora}
 
 
 def finish_training(
