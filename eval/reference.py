@@ -27,7 +27,7 @@ REFERENCE_ADAPTER = "reference"
 @dataclass(frozen=True)
 class RewardReference:
     """Where `align eval` gets the reference log-probs of one policy's implicit DPO rewards. Not DPO's reference
-    plan (align.train.dpo.ReferencePlan): that one says what a DPO run trains against; this one how eval recomputes
+    plan (align.train.reference.ReferencePlan): that one says what a DPO run trains against; this one how eval recomputes
     it with the least memory.
 
     mode `base`: the policy's adapter disabled; `adapter`: another adapter on the policy's base, switched in;

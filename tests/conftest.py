@@ -112,19 +112,20 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def reference_adapter_dropped(monkeypatch) -> None:
+def reference_adapter_dropped(monkeypatch, method: str = "dpo") -> None:
     """In adapter mode: TRL's frozen "ref" copy removed, so its reference forward disables adapters (the base): the
-    wrong reference that the step-0 check must catch."""
-    import align.train.dpo
+    wrong reference that the step-0 check must catch. `method`: the align.train module whose trainer it breaks."""
+    import importlib
 
-    prepare = align.train.dpo.prepare_reference
+    module = importlib.import_module(f"align.train.{method}")
+    prepare = module.prepare_reference
 
     def drop_reference_adapter(trainer, reference):
         prepare(trainer, reference)
         trainer.model.delete_adapter("ref")
         trainer.model.set_adapter("default")
 
-    monkeypatch.setattr(align.train.dpo, "prepare_reference", drop_reference_adapter)
+    monkeypatch.setattr(module, "prepare_reference", drop_reference_adapter)
 
 
 def benchmark_script(name: str) -> ModuleType:

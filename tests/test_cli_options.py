@@ -200,7 +200,7 @@ def test_dpo_policy_loading_leaves_the_global_rng_at_the_users_seed(tiny_model_d
 
     from align.core.config import LoraSpec
     from align.core.models import resolve_model
-    from align.train.dpo import load_policy
+    from align.train.preference import load_policy
     from align.train.training import lora_config
 
     adapter = tmp_path / "sft"

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 import align.train.dpo
 from align.cli import main
 from align.core.config import DPORecipe, SFTRecipe
-from align.train.dpo import LengthLimitedCollator, run_dpo, step0_loss
+from align.train.dpo import run_dpo, step0_loss
+from align.train.preference import LengthLimitedCollator
 from align.core.errors import AlignError
 from align.train.sft import run_sft
 
@@ -150,9 +151,9 @@ def test_every_installed_loss_type_starts_at_its_step0_value(tiny_model_dir, sft
         for loss_type in installed:
             trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
             trainer.label_smoothing = 1e-3 if loss_type == "exo_pair" else 0.0  # EXO needs its epsilon
-            checked[loss_type] = real(trainer, mode)
+            checked[loss_type] = real(trainer, mode, *args)
         trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = saved
-        return real(trainer, mode)
+        return real(trainer, mode, *args)
 
     monkeypatch.setattr(dpo, "check_reference_at_step0", every_loss_type)
     run_dpo(recipe(tiny_model_dir, prefs(tmp_path), tmp_path / "out", sft_adapter, max_steps=1, beta=0.2),

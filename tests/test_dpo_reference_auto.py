@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from align.core.config import DPORecipe
-from align.train.dpo import ReferencePlan, choose_reference, pairs_read, run_dpo
+from align.train.dpo import run_dpo
+from align.train.reference import ReferencePlan, choose_reference, rows_read
 
 ADAPTER = ReferencePlan("adapter", Path("sft"), requested="auto")
 
@@ -39,8 +40,8 @@ def test_an_explicit_reference_is_kept_as_asked():
 
 def test_pairs_read_counts_accumulation_and_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert pairs_read({"max_steps": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}, 100) == 48
-    assert pairs_read({"num_train_epochs": 2}, 100) == 200
+    assert rows_read({"max_steps": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}, 100) == 48
+    assert rows_read({"num_train_epochs": 2}, 100) == 200
 
 
 def test_auto_is_accepted_and_is_the_default():

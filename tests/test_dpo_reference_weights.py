@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.core.errors import AlignError
-from align.train.dpo import ReferencePlan, prepare_reference
+from align.train.reference import ReferencePlan, prepare_reference
 
 
 def saved_adapter(model_dir: Path, out: Path, safe: bool = True) -> Path:

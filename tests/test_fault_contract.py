@@ -127,7 +127,7 @@ def test_dpo_resume_on_a_finished_run_trains_nothing(tiny_model_dir, tmp_path, m
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr("align.train.dpo.load_model", no_training)
+    monkeypatch.setattr("align.train.preference.load_model", no_training)
     program, args = command("dpo", tmp_path, tiny_model_dir, out)
     result = CliRunner().invoke(program, [*args, "--resume"])
     assert result.exit_code == 0, (result.output, repr(result.exception))

@@ -276,7 +276,7 @@ def config_args(path: Path) -> list[str]:
 
 def test_a_preference_mixture_samples_pairs_per_source(tmp_path):
     from align.core.config import DPORecipe
-    from align.train.dpo import prepare_preference_data
+    from align.train.preference import prepare_preference_data
 
     explicit = write_jsonl(tmp_path / "explicit.jsonl", [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"}
                                                          for i in range(6)])

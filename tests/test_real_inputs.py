@@ -115,7 +115,7 @@ def test_the_kto_reader_splits_off_the_labelled_last_turn():
 
 
 def test_llamafactory_sharegpt_ranking_is_read_as_align_dpo_reads_it():
-    from align.train.dpo import prepare_preference_data
+    from align.train.preference import prepare_preference_data
 
     path = str(LLAMAFACTORY / "dpo_en_demo.json")
     pairs = load_preference_data(path).pairs
@@ -239,7 +239,7 @@ def test_eval_strategy_without_an_eval_set_is_refused_before_the_model_loads(tin
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("align.train.dpo.load_model", must_not_load)
+    monkeypatch.setattr("align.train.preference.load_model", must_not_load)
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 4)
     result = CliRunner().invoke(main, ["dpo", "--model", str(tiny_model_dir), "--data", str(data), "-o",
                                        str(tmp_path / "out"), "--max-steps", "1", "--set", "train.eval_strategy=steps"])

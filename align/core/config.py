@@ -358,10 +358,9 @@ class PreferenceRecipe(TrainRecipe):
     """SFT adapter dir: the policy starts as a copy of it."""
 
 
-class DPORecipe(PreferenceRecipe):
-    """`align dpo`. beta, loss_type, label_smoothing and every other DPOConfig field go through `train`."""
-
-    train_settings: ClassVar[type[TrainSettings]] = DPOTrainSettings
+class ReferenceRecipe(PreferenceRecipe):
+    """What the methods with a reference (`align dpo`, `align kto`) add: which reference, and where to cut prompts and
+    completions before TRL's own max_length."""
 
     adapter: Annotated[str | None, Flag("--adapter", "-a", unset="none (fresh LoRA)")] = None
     """SFT adapter dir: the policy starts as a copy of it, and (with ref adapter) it is the reference."""
@@ -369,10 +368,6 @@ class DPORecipe(PreferenceRecipe):
                                     metavar="auto|adapter|base|precompute|model:PATH")] = None
     """Reference: auto (precompute where the data allows, else the SFT adapter, or the base without one), the frozen
     SFT adapter, the base (adapters off), log-probs precomputed once, or a separate model."""
-    max_prompt_length: Annotated[int | None, Field(gt=0), Flag("--max-prompt-length", unset="none")] = None
-    """Keep the last N prompt tokens (the ones nearest the answer). TRL 1.16's DPOConfig has only max_length."""
-    max_completion_length: Annotated[int | None, Field(gt=0), Flag("--max-completion-length", unset="none")] = None
-    """Keep the first N tokens of each completion."""
 
     @field_validator("ref")
     @classmethod
@@ -380,6 +375,51 @@ class DPORecipe(PreferenceRecipe):
         if value is not None:
             parse_reference(value)
         return value
+
+
+class DPORecipe(ReferenceRecipe):
+    """`align dpo`. beta, loss_type, label_smoothing and every other DPOConfig field go through `train`."""
+
+    train_settings: ClassVar[type[TrainSettings]] = DPOTrainSettings
+
+    max_prompt_length: Annotated[int | None, Field(gt=0), Flag("--max-prompt-length", unset="none")] = None
+    """Keep the last N prompt tokens (the ones nearest the answer). TRL 1.16's DPOConfig has only max_length."""
+    max_completion_length: Annotated[int | None, Field(gt=0), Flag("--max-completion-length", unset="none")] = None
+    """Keep the first N tokens of each completion."""
+
+
+class KTOTrainSettings(TrainSettings):
+    learning_rate: LearningRate = 5e-5
+    """Peak learning rate (LoRA, as for DPO)."""
+    beta: Annotated[float, Field(gt=0), Flag("--beta")] = 0.1
+    """KTO's beta: how far the policy may move from the reference."""
+    desirable_weight: Annotated[float | None, Field(gt=0), Flag("--desirable-weight", unset="balanced")] = None
+    """Weight of each desirable example's loss. Unset with --undesirable-weight: chosen so that desirable weight x
+    desirable examples equals undesirable weight x undesirable examples, the KTO paper's recommended balance."""
+    undesirable_weight: Annotated[float | None, Field(gt=0), Flag("--undesirable-weight", unset="balanced")] = None
+    """Weight of each undesirable example's loss (see --desirable-weight)."""
+    loss_type: Annotated[str, Flag("--loss", trl_choices="trl:KTOConfig")] = "kto"
+    """KTO's loss (kto), or the installed KTOConfig's other losses."""
+
+
+class UnpairedDataSpec(PreferenceDataSpec):
+    """Labelled completions (a prompt, an answer, and whether it is desirable), or preference pairs to split."""
+
+    path: Annotated[str, Flag("--data", "-d")] = "builtin:pig-latin-prefs"
+    """Labelled completions (TRL's prompt/completion/label, any SFT layout with a `label` or LLaMA-Factory's
+    `kto_tag`), or preference pairs: jsonl/json/csv/parquet file, hub dataset, or builtin:NAME."""
+    from_pairs: Annotated[bool | None, Flag("--from-pairs", negatable=True, unset="auto")] = None
+    """Split each preference pair into its chosen answer (desirable) and its rejected one (undesirable). Unset: when
+    the data holds pairs."""
+
+
+class KTORecipe(ReferenceRecipe):
+    """`align kto`: Kahneman-Tversky optimization over TRL's KTOTrainer, on unpaired labelled completions (thumbs up
+    and down) or on pairs split in two. `train` takes KTOConfig fields."""
+
+    train_settings: ClassVar[type[TrainSettings]] = KTOTrainSettings
+
+    data: UnpairedDataSpec = UnpairedDataSpec()
 
 
 class ORPOTrainSettings(TrainSettings):

@@ -240,8 +240,9 @@ def normalize_preference_rows(rows: Rows, fmt: str | None = None, skip_invalid: 
 
 
 def detect_unpaired_format(row: dict[str, Any]) -> str | None:
-    """`kto` for a row with LLaMA-Factory's `kto_tag`, or a true/false `label` beside an SFT layout."""
-    if "kto_tag" in row or (isinstance(row.get("label"), bool) and detect_sft_format(row) not in (None, "text")):
+    """`kto` for a row with LLaMA-Factory's `kto_tag`, or a `label` beside an SFT layout (a label that is not true
+    or false is then refused by the normalizer, naming it, rather than the whole row going undetected)."""
+    if "kto_tag" in row or ("label" in row and detect_sft_format(row) not in (None, "text")):
         return "kto"
     return None
 

@@ -7,7 +7,7 @@ from typing import Literal, get_args
 
 ReferenceMode = Literal["auto", "adapter", "base", "precompute", "model"]
 """auto (the default): precompute where the data allows it, else adapter (base without an SFT adapter), chosen by
-`align.train.dpo.choose_reference` and recorded as the mode it chose, with the reason; adapter: the frozen SFT
+`align.train.reference.choose_reference` and recorded as the mode it chose, with the reason; adapter: the frozen SFT
 adapter; base: the base with adapters off; precompute: the reference's log-probs computed once before training (from
 the SFT adapter when there is one, else the base); model: a separate model (`model:PATH`)."""
 

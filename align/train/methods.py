@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.core.config import DPORecipe, ORPORecipe, SFTRecipe, SimPORecipe, TrainRecipe
+from align.core.config import DPORecipe, KTORecipe, ORPORecipe, SFTRecipe, SimPORecipe, TrainRecipe
 
 DataKind = Literal["sft", "pairs", "unpaired"]
 
@@ -75,6 +75,12 @@ METHODS: dict[str, TrainingMethod] = {m.name: m for m in (
         summary="Preference alignment (DPO) of a LoRA adapter, with the SFT adapter as its own reference. RECIPE is "
                 "an optional YAML with model/data/lora/train sections plus adapter, ref, max_prompt_length and "
                 "max_completion_length; `train` takes any DPOConfig field (`--loss` lists the installed losses)."),
+    TrainingMethod(
+        name="kto", recipe=KTORecipe, trl_config="trl:KTOConfig", runner="align.train.kto:run_kto", data="unpaired",
+        reference=True, sequences_per_row=2, disables_dropout=True,  # each completion, and a mismatched one for KL
+        summary="KTO: alignment from unpaired feedback (answers marked desirable or undesirable), or from pairs split "
+                "in two, with the SFT adapter as its own reference (the same --ref modes and step-0 check as DPO). "
+                "Class weights balance the two kinds unless set; `train` takes any KTOConfig field."),
     TrainingMethod(
         name="orpo", recipe=ORPORecipe, trl_config="trl.experimental.orpo:ORPOConfig",
         runner="align.train.orpo:run_orpo", data="pairs", reference=False, sequences_per_row=2,

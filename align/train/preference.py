@@ -1,6 +1,7 @@
-"""What the reference-free preference methods (`align orpo`, `align simpo`) share: one model copy, a policy that
-starts as the SFT adapter or a fresh LoRA on the base, TRL's trainer over the same pairs `align dpo` reads, and the
-same output contract (adapter, run.json last, loss.png, rewards.png).
+"""What the preference methods share: a policy that starts as the SFT adapter or a fresh LoRA on the base, the pairs
+(read, mixed, held out, length-limited), and the reward metrics; and the runner of the reference-free ones (`align
+orpo`, `align simpo`): one model copy, TRL's trainer over the same pairs `align dpo` reads, and the same output
+contract (adapter, run.json last, loss.png, rewards.png).
 
 Stages, in data-flow order: validate inputs -> load data -> load model -> build trainer -> train -> save. Every input
 check happens before the output dir is created, so bad input leaves nothing behind.
@@ -8,6 +9,7 @@ check happens before the output dir is created, so bad input leaves nothing behi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,16 +17,170 @@ from typing import Any
 from transformers import set_seed
 
 from align.core.artifacts import Timer, partial_dir
-from align.core.config import PreferenceRecipe
+from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec, PreferenceRecipe
+from align.core.data import Rows, fingerprint_rows, hold_out
 from align.core.errors import AlignError
-from align.core.models import load_tokenizer
-from align.train.dpo import REWARD_KEYS, final_rewards, load_policy, prepare_preference_data, resolve_policy
+from align.core.mixture import Mixture, mix_sources
+from align.core.models import LoadOptions, ResolvedModel, load_model, load_tokenizer, resolve_model
+from align.core.preferences import PreferenceData, load_preference_data, normalize_preference_rows
 from align.train.methods import METHODS
 from align.train.training import (
-    check_run_inputs, continued_lora, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
+    attach_lora, lora_config, prepare_quantized, check_run_inputs, continued_lora, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
     finished_run, log_series, plan_machine, progress_callback, quiet_trainer, run_config, run_record, train,
     trainer_arguments, training_run,
 )
+
+
+# ---- the policy and the pairs ------------------------------------------------------------------------------------
+
+
+def resolve_policy(recipe: PreferenceRecipe) -> ResolvedModel:
+    """The policy's starting point: the base, plus the SFT adapter when given (`--adapter`, or an adapter dir as
+    `--model`); refuses an adapter trained on another base than `--model`."""
+    if recipe.adapter:
+        policy = resolve_model(recipe.adapter)
+        if policy.adapter is None:
+            raise AlignError(f"--adapter {recipe.adapter}: not a PEFT adapter dir (no adapter_config.json)")
+        if "name" in recipe.model.model_fields_set:  # left unset, --model means the adapter's own base
+            named = resolve_model(recipe.model.name)
+            if named.adapter is not None and named.adapter != policy.adapter:
+                raise AlignError(f"--model {recipe.model.name} is itself an adapter: pass the base model as --model")
+            if named.base != policy.base:
+                raise AlignError(f"--adapter {recipe.adapter} was trained on {policy.base}, not on --model "
+                                 f"{recipe.model.name}")
+    else:
+        policy = resolve_model(recipe.model.name)  # an adapter dir as --model counts as the SFT adapter
+    return policy
+
+
+
+@dataclass
+class PreferenceSplits:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    record: dict[str, Any]
+    locations: list[str]
+    """Where each training pair came from (file and line)."""
+
+
+
+def prepare_preference_data(recipe: PreferenceRecipe) -> PreferenceSplits:
+    spec = recipe.data
+    mixture = None
+    if spec.mixture:
+        mixture, loaded = preference_mixture(spec, recipe.train_seed)
+    else:
+        loaded = load_preference_data(spec.path, spec.format, spec.split, spec.limit, spec.skip_invalid, spec.pairs,
+                                      spec.score_margin, spec.config)
+    train, held, locations = loaded.pairs, [], loaded.raw.kept
+    if spec.eval_path:
+        held = load_preference_data(spec.eval_path, spec.format, spec.eval_split, None, spec.skip_invalid, spec.pairs,
+                                    spec.score_margin, spec.eval_config).pairs
+    elif spec.eval_size > 0:
+        train, held = hold_out(train, spec.eval_size, recipe.train_seed, loaded.raw.source)
+        locations, _ = hold_out(locations, spec.eval_size, recipe.train_seed, loaded.raw.source)
+    if loaded.raw.skipped:
+        import logging
+
+        logging.getLogger(__name__).warning("skipped %d invalid rows (first: %s)", loaded.raw.skipped,
+                                            loaded.raw.problems[0])
+    record = {
+        "source": "data.mixture" if mixture else spec.path,
+        "format": loaded.format,
+        "rows": len(loaded.raw),
+        "pairs": len(train),
+        "eval_pairs": len(held),
+        "skipped_invalid": loaded.raw.skipped,
+        "rows_without_pair": loaded.rows_without_pair,
+        "fingerprint": fingerprint_rows(train),
+        "eval_fingerprint": fingerprint_rows(held) if held else None,
+        "mixture": mixture.sources if mixture else None,
+    }
+    return PreferenceSplits(train, held, record, locations)
+
+
+
+def preference_mixture(spec: PreferenceDataSpec, seed: int) -> tuple[Mixture, PreferenceData]:
+    """data.mixture of preference sources: each source's rows sampled with the seed on its own, then turned into
+    pairs (a scored row may give several, or none)."""
+    without_pair = []
+
+    def normalize(source: MixtureSource, rows: Rows) -> tuple[list[dict[str, Any]], str]:
+        loaded = normalize_preference_rows(rows, source.format or spec.format, spec.skip_invalid, spec.pairs,
+                                           spec.score_margin)
+        without_pair.append(loaded.rows_without_pair)
+        return loaded.pairs, loaded.format
+
+    mixture = mix_sources(spec.mixture or [], normalize, seed, spec.limit)
+    return mixture, PreferenceData(*mixture.as_loaded(), rows_without_pair=sum(without_pair))
+
+
+
+@dataclass
+class LengthLimitedCollator:
+    """Trims prompts (keeping their end, next to the answer) and completions (keeping their start) before TRL's own
+    collator pads them. TRL 1.16 dropped max_prompt_length / max_completion_length; only the total max_length is left."""
+
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    max_prompt_length: int | None
+    max_completion_length: int | None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        prompt, completion = self.max_prompt_length, self.max_completion_length
+        trimmed = [
+            {
+                **example,
+                "prompt_ids": example["prompt_ids"][-prompt:] if prompt else example["prompt_ids"],
+                "chosen_ids": example["chosen_ids"][:completion] if completion else example["chosen_ids"],
+                "rejected_ids": example["rejected_ids"][:completion] if completion else example["rejected_ids"],
+            }
+            for example in examples
+        ]
+        return self.collate(trimmed)
+
+
+
+def preference_collator(recipe: DPORecipe, config: Any, tokenizer: Any) -> LengthLimitedCollator | None:
+    """None (TRL builds its own) unless prompt or completion lengths are limited."""
+    if recipe.max_prompt_length is None and recipe.max_completion_length is None:
+        return None
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    inner = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length,
+                                      truncation_mode=config.truncation_mode,
+                                      pad_to_multiple_of=config.pad_to_multiple_of)
+    return LengthLimitedCollator(inner, recipe.max_prompt_length, recipe.max_completion_length)
+
+
+
+def load_policy(policy: ResolvedModel, recipe: PreferenceRecipe, tokenizer: Any, gradient_checkpointing: bool,
+                seed: int) -> tuple[Any, Any]:
+    """(model, peft_config for TRL). With an SFT adapter: a PeftModel whose trainable "default" adapter is the SFT
+    adapter (TRL then adds the frozen "ref" copy). Without: the bare base and a fresh LoraConfig, which TRL wraps."""
+    options = LoadOptions(recipe.model.dtype, recipe.model.attn, recipe.model.quantize)
+    model = load_model(policy, options, tokenizer, adapter="trainable")
+    if policy.adapter is not None:
+        return attach_lora(model, recipe.lora, gradient_checkpointing, seed), None
+    return prepare_quantized(model, gradient_checkpointing), lora_config(recipe.lora)
+
+
+
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+
+def final_rewards(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged value of each reward metric, train and eval."""
+    out: dict[str, float] = {}
+    for key in REWARD_KEYS + tuple(f"eval_{k}" for k in REWARD_KEYS):
+        values = [h[key] for h in history if key in h]
+        if values:
+            out[key] = values[-1]
+    return out
+
+
+
+# ---- the reference-free methods ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
