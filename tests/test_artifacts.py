@@ -65,3 +65,21 @@ def test_proc_status_bytes_reads_memory_fields_and_names_a_missing_one():
     assert proc_status_bytes("VmHWM") >= proc_status_bytes("VmRSS")
     with pytest.raises(RuntimeError, match="no field VmNope"):
         proc_status_bytes("VmNope")
+
+
+def test_peak_memory_starts_over_for_each_pipeline_stage():
+    """`align run` runs every stage in one process; after `reset_peak_memory` the peak is the next stage's own, not
+    the largest of the stages before it."""
+    import sys
+
+    import numpy as np
+
+    from align.core.artifacts import peak_rss_bytes, reset_peak_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the kernel's high-water mark is reset through /proc (Linux)")
+    big = np.ones(40_000_000)  # 320 MB, touched
+    during = peak_rss_bytes()
+    del big
+    reset_peak_memory()
+    assert peak_rss_bytes() < during - 200 * 2**20

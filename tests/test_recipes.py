@@ -38,7 +38,8 @@ def test_zero3_config_says_how_to_checkpoint_with_peft():
     assert "zero3_init_flag: false" in text
 
 
-PIPELINES = [RECIPES / f"{name}.yaml" for name in ("pig-latin", "two-skills", "depth-upscale", "zephyr-7b-qlora")]
+PIPELINES = [RECIPES / f"{name}.yaml" for name in ("pig-latin", "two-skills", "depth-upscale", "zephyr-7b-qlora",
+                                                    "methods")]
 TRAINING = {"zephyr-7b-qlora-sft.yaml": "sft", "zephyr-7b-qlora-dpo.yaml": "dpo"}
 SUITES = sorted((RECIPES / "suites").glob("*.yaml"))
 

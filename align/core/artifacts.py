@@ -279,8 +279,23 @@ def proc_status_bytes(field: str) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process since it started or since `reset_peak_memory` (Linux: VmHWM; elsewhere
+    ru_maxrss, which cannot be reset)."""
+    try:
+        return proc_status_bytes("VmHWM")
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory() -> None:
+    """Start the peak over, so that the next record's peak is its own (`align run` runs every stage in one process):
+    the kernel's high-water RSS mark (/proc/self/clear_refs, Linux) and torch's CUDA peak."""
+    import torch
+
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory() -> dict[str, int]:

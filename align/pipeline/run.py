@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.core.artifacts import is_complete, read_json_record, write_json
+from align.core.artifacts import reset_peak_memory, is_complete, read_json_record, write_json
 from align.core.config import ModelSpec, TrainRecipe, check_trl_keys, load_yaml, parse_set, set_path, validate
 from align.core.errors import AlignError
 from align.core.trl_fields import check_trl_values
@@ -107,6 +107,7 @@ def run_pipeline(recipe: PipelineRecipe, rundir: Path, start_from: str | None = 
             continue
         say(f"[{stage.name}] running {stage.kind}")
         started = time.perf_counter()
+        reset_peak_memory()  # each stage's record holds its own peak, not the largest of the stages before it
         run_stage(stage, pipeline)
         timings[stage.name] = time.perf_counter() - started
         state["stages"][stage.name] = fp
