@@ -107,3 +107,18 @@ def test_an_unknown_loss_is_refused_before_loading(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(main, ["kto", "--model", str(tiny_model_dir), "--loss", "sigmoid", "-o",
                                        str(tmp_path / "out")])
     assert result.exit_code == 2 and "train.loss_type: expected one of kto, apo_zero_unpaired" in result.output
+
+
+def test_prompts_that_fill_max_length_are_counted_and_none_left_is_refused(tiny_model_dir, tmp_path):
+    """KTOTrainer drops every example whose prompt alone fills max_length: run.json counts them (as SFT and DPO
+    count theirs), and a run with none left is one line naming --max-length and the first example's line."""
+    data = labelled_rows(tmp_path / "kto.jsonl")
+    record = record_of(run_kto(recipe(tiny_model_dir, data, tmp_path / "ok", ref="base", max_length=64),
+                               progress=False))
+    truncation = record["data"]["truncation"]
+    assert truncation["examples_read"] == 9 and truncation["examples_dropped"] == 0
+    assert truncation["completion_tokens"] == truncation["completion_tokens_before_truncation"] > 0
+    with pytest.raises(AlignError, match=r"--max-length 8 leaves nothing to train on: every prompt is at least that "
+                                         r"long.*the first \(.*kto.jsonl: line 1\)"):
+        run_kto(recipe(tiny_model_dir, data, tmp_path / "none", ref="base", max_length=8), progress=False)
+    assert not (tmp_path / "none").exists()

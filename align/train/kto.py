@@ -33,6 +33,9 @@ from align.train.reference import (
     ReferencePlan, Step0Rule, check_reference_at_step0, choose_reference, library_bars_as_transformers,
     load_reference_model, plan_reference, prepare_reference, raise_settings_error, reference_arguments,
 )
+from align.train.truncation import (
+    check_eval_kept, check_prompts_fit, check_truncation, kto_truncation, numbered, prompt_lengths,
+)
 from align.train.training import (
     check_run_inputs, continued_lora, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
     finished_run, log_series, plan_machine, progress_callback, quiet_trainer, run_config, run_record, train,
@@ -51,6 +54,8 @@ class LabelledSplits:
     """TRL's unpaired form: {prompt, completion, label}, conversational."""
     eval: list[dict[str, Any]]
     record: dict[str, Any]
+    locations: list[str]
+    """Where each training example came from (file and line; both halves of a split pair name its line)."""
 
 
 def split_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,7 +67,7 @@ def split_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def labelled(rows: Rows, recipe: KTORecipe) -> tuple[list[dict[str, Any]], str, bool]:
     """(examples, format, from pairs): the rows as labelled completions, read as pairs and split where the data
-    holds pairs (`--from-pairs`, or detected when unset)."""
+    holds pairs (`--from-pairs`, or detected when unset). `rows.kept` then names each example's row."""
     spec = recipe.data
     first = rows.rows[0] if rows.rows else {}
     from_pairs = spec.from_pairs
@@ -70,6 +75,7 @@ def labelled(rows: Rows, recipe: KTORecipe) -> tuple[list[dict[str, Any]], str, 
         from_pairs = detect_unpaired_format(first) is None and detect_preference_format(first) is not None
     if from_pairs:
         loaded = normalize_preference_rows(rows, spec.format, spec.skip_invalid, spec.pairs, spec.score_margin)
+        rows.kept = [location for location in rows.kept for _ in ("chosen", "rejected")]
         return split_pairs(loaded.pairs), loaded.format, True
     loaded = normalize_unpaired_rows(rows, spec.format, spec.skip_invalid)
     return loaded.rows, loaded.format, False
@@ -81,11 +87,13 @@ def prepare_labelled_data(recipe: KTORecipe) -> LabelledSplits:
         raise AlignError("data.mixture: align kto reads one source (give data.path); mix the files beforehand")
     rows = read_rows(spec.path, spec.split, spec.limit, spec.config)
     examples, fmt, from_pairs = labelled(rows, recipe)
+    locations = rows.kept
     held: list[dict[str, Any]] = []
     if spec.eval_path:
         held, _, _ = labelled(read_rows(spec.eval_path, spec.eval_split, None, spec.eval_config), recipe)
     elif spec.eval_size > 0:
         examples, held = hold_out(examples, spec.eval_size, recipe.train_seed, rows.source)
+        locations, _ = hold_out(locations, spec.eval_size, recipe.train_seed, rows.source)
     desirable = sum(1 for e in examples if e["label"])
     if desirable in (0, len(examples)):
         kind = "desirable" if desirable else "undesirable"
@@ -99,7 +107,7 @@ def prepare_labelled_data(recipe: KTORecipe) -> LabelledSplits:
         "eval_examples": len(held), "skipped_invalid": rows.skipped,
         "fingerprint": fingerprint_rows(examples), "eval_fingerprint": fingerprint_rows(held) if held else None,
     }
-    return LabelledSplits(examples, held, record)
+    return LabelledSplits(examples, held, record, locations)
 
 
 def class_weights(train: dict[str, Any], desirable: int, undesirable: int) -> dict[str, Any]:
@@ -148,7 +156,6 @@ def kto_config(args: dict[str, Any]) -> Any:
 
 def build_trainer(recipe: KTORecipe, policy: ResolvedModel, reference: ReferencePlan, tokenizer: Any, config: Any,
                   data: LabelledSplits, gradient_checkpointing: bool, callbacks: list[Any]) -> Any:
-    from datasets import Dataset
     from trl import KTOTrainer
 
     model, peft_config = load_policy(policy, recipe, tokenizer, gradient_checkpointing, int(config.seed))
@@ -157,8 +164,8 @@ def build_trainer(recipe: KTORecipe, policy: ResolvedModel, reference: Reference
         with library_bars_as_transformers():  # precompute's pass over the data runs inside
             trainer = KTOTrainer(
                 model=model, ref_model=ref_model, args=config, processing_class=tokenizer, peft_config=peft_config,
-                train_dataset=Dataset.from_list(data.train),
-                eval_dataset=Dataset.from_list(data.eval) if data.eval else None, callbacks=callbacks,
+                train_dataset=numbered(data.train), eval_dataset=numbered(data.eval) if data.eval else None,
+                callbacks=callbacks,
             )
     except (ValueError, NotImplementedError) as exc:
         raise_settings_error(exc, "kto")
@@ -187,6 +194,8 @@ def run_kto(recipe: KTORecipe, progress: bool = True) -> Path:
             "desirable_weight": weights["desirable_weight"], "undesirable_weight": weights["undesirable_weight"]}
     evaluate_at_saves(args, bool(data.eval), recipe.train)
     config = kto_config(args)
+    # KTOTrainer drops every example whose prompt fills max_length (it truncates keep_start); none left is refused here
+    check_prompts_fit(prompt_lengths(tokenizer, data.train), data.locations, config.max_length, "keep_start")
 
     with training_run(recipe, out, run_config(recipe, policy, args, data.record)) as run:
         handle, checkpoint = run.handle, run.checkpoint
@@ -194,6 +203,8 @@ def run_kto(recipe: KTORecipe, progress: bool = True) -> Path:
             set_seed(int(args["seed"]))  # LoRA init (here or inside TRL for --ref base) draws from the global RNG
             trainer = build_trainer(recipe, policy, reference, tokenizer, config, data, plan.gradient_checkpointing,
                                     [progress_callback(steps, progress and run.writer), *run.callbacks()])
+        data.record["truncation"] = check_truncation(kto_truncation(trainer, len(data.train), data.locations), None)
+        check_eval_kept(trainer, len(data.eval))
         with timer.phase("step0_check"):  # before train() loads any checkpoint: a resumed run checks the start too
             step0 = check_reference_at_step0(trainer, reference.mode, KTO_STEP0)
         with timer.phase("train"):

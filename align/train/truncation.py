@@ -40,7 +40,7 @@ class Truncation:
     """What the trainer kept of the rows it was given."""
 
     unit: str
-    """'rows' (SFT) or 'pairs' (DPO)."""
+    """'rows' (SFT), 'pairs' (DPO) or 'examples' (KTO)."""
     tokens_name: str
     """'loss_tokens' (SFT) or 'completion_tokens' (DPO)."""
     max_length: int | None
@@ -91,21 +91,34 @@ def sft_truncation(trainer: Any, rows: list[dict[str, list[int]]], locations: li
                       dropped_positions(trainer.train_dataset, len(rows)), locations, before, after)
 
 
-def dpo_truncation(trainer: Any, pairs: int, locations: list[str]) -> Truncation:
-    """DPO: pairs DPOTrainer kept, and the completion tokens of those pairs before and after its collator (ours,
-    when prompt or completion lengths are limited) truncates them: the mask the loss is summed over."""
+def completion_truncation(trainer: Any, unit: str, columns: tuple[str, ...], read: int,
+                          locations: list[str]) -> Truncation:
+    """A preference trainer's rows kept, and the completion tokens of those rows before and after its collator
+    truncates them: the mask the loss is summed over."""
     import pyarrow.compute as pc
 
     dataset = trainer.train_dataset
     table = dataset.with_format("arrow")[:]
-    before = sum(int(pc.sum(pc.list_value_length(table[name])).as_py() or 0) for name in ("chosen_ids", "rejected_ids"))
+    before = sum(int(pc.sum(pc.list_value_length(table[name])).as_py() or 0) for name in columns)
     after = 0
     for start in range(0, len(dataset), COLLATE_CHUNK):
         chunk = dataset[start:start + COLLATE_CHUNK]
         examples = [dict(zip(chunk, values)) for values in zip(*chunk.values())]
         after += int(trainer.data_collator(examples)["completion_mask"].sum())
-    return Truncation("pairs", "completion_tokens", trainer.args.max_length, pairs, dropped_positions(dataset, pairs),
+    return Truncation(unit, "completion_tokens", trainer.args.max_length, read, dropped_positions(dataset, read),
                       locations, before, after)
+
+
+def dpo_truncation(trainer: Any, pairs: int, locations: list[str]) -> Truncation:
+    """DPO: the pairs DPOTrainer kept and their completion tokens (through ours collator, when prompt or completion
+    lengths are limited)."""
+    return completion_truncation(trainer, "pairs", ("chosen_ids", "rejected_ids"), pairs, locations)
+
+
+def kto_truncation(trainer: Any, examples: int, locations: list[str]) -> Truncation:
+    """KTO: the labelled examples KTOTrainer kept (it drops those whose prompt fills max_length) and their
+    completion tokens."""
+    return completion_truncation(trainer, "examples", ("completion_ids",), examples, locations)
 
 
 def check_truncation(kept: Truncation, first_needs: int | None) -> dict[str, Any]:
