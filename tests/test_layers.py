@@ -96,3 +96,26 @@ def test_every_package_file_belongs_to_a_layer_or_the_top() -> None:
     for path in package_files():
         name = module_name(path)
         assert layer_of(name) is not None or name in top, f"{name} is in no layer"
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Each first-party module and the first-party modules it imports (a `from pkg.mod import name` counts as
+    importing pkg.mod)."""
+    modules = {module_name(path): path for path in package_files()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for _, imported in imported_modules(path):
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """A pair that imports each other (config.py and flat_config.py did, for one helper) hides which one is below."""
+    graph = module_imports()
+    cycles = sorted({tuple(sorted((a, b))) for a, targets in graph.items() for b in targets if a in graph.get(b, ())})
+    assert cycles == []

@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from align.core.dotted import set_path
 from align.core.errors import AlignError, did_you_mean
 from align.core.flat_config import flat_to_recipe, is_flat_config
 from align.core.reference import parse_reference
@@ -506,22 +507,6 @@ def load_yaml(path: str | Path, what: str = "recipe", expected: str = "a recipe 
 def _first_line(problem: Any) -> str:
     """PyYAML's reader errors run over several lines; the first says what was wrong."""
     return (str(problem).strip().splitlines() or [type(problem).__name__])[0]
-
-
-def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c = value` in nested dicts, creating levels as needed."""
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = node[key] = {} if child is None else _fail_scalar(dotted, key)
-        node = child
-    node[keys[-1]] = value
-
-
-def _fail_scalar(dotted: str, key: str) -> dict[str, Any]:
-    raise AlignError(f"--set {dotted}: '{key}' is a value, not a section")
 
 
 def parse_set(items: tuple[str, ...] | list[str]) -> list[tuple[str, Any]]:

@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from align.core.dotted import set_path
 from align.core.errors import AlignError, did_you_mean
 from align.core.trl_fields import RENAMED_FIELDS, eval_strategy
 
@@ -74,8 +75,6 @@ def is_flat_config(data: dict[str, Any], recipe_fields: set[str], trl_config: ty
 def flat_to_recipe(data: dict[str, Any], recipe_fields: set[str], trl_config: type, where: str | Path
                    ) -> dict[str, Any]:
     """The recipe (nested sections) a flat config means; recipe fields in it pass through unchanged."""
-    from align.core.config import set_path
-
     trainer = {f.name for f in dataclasses.fields(trl_config)}
     passed = {key for key in data if key in recipe_fields and key not in SPECIAL}  # report_to: TRL's or ours
     recipe: dict[str, Any] = {key: value for key, value in data.items() if key in passed}
@@ -102,8 +101,6 @@ def flat_to_recipe(data: dict[str, Any], recipe_fields: set[str], trl_config: ty
 
 
 def _special(recipe: dict[str, Any], key: str, value: Any, flat: dict[str, Any], where: str | Path) -> None:
-    from align.core.config import set_path
-
     if key == "report_to":
         # one tracker is the recipe's report_to (resolved and checked there); several go to TRL as a list
         single = value[0] if isinstance(value, list) and len(value) == 1 else value
@@ -151,8 +148,6 @@ def mixture_from_dataset_mixture(recipe: dict[str, Any], value: Any, where: str 
     """TRL's DatasetMixtureConfig (`path`, `name`, `data_files`, `split`, `fraction`) and the handbook's (`id`,
     `config`, `split`, `weight`, plus `seed`) as data.mixture; `test_split_size` (a share or a row count, as the
     handbook writes it) becomes data.eval_size."""
-    from align.core.config import set_path
-
     if not isinstance(value, dict) or not isinstance(value.get("datasets"), list):
         raise AlignError(f"{where}: dataset_mixture: expected a mapping with a 'datasets' list")
     sources = []

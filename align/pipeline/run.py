@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from align.core.artifacts import reset_peak_memory, is_complete, read_json_record, write_json
-from align.core.config import ModelSpec, TrainRecipe, check_trl_keys, load_yaml, parse_set, set_path, validate
+from align.core.config import ModelSpec, TrainRecipe, check_trl_keys, load_yaml, parse_set, validate
+from align.core.dotted import set_path
 from align.core.errors import AlignError
 from align.core.trl_fields import check_trl_values
 from align.pipeline.export import run_export_stage
