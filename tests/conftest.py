@@ -112,12 +112,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def reference_adapter_dropped(monkeypatch, method: str = "dpo") -> None:
-    """In adapter mode: TRL's frozen "ref" copy removed, so its reference forward disables adapters (the base): the
-    wrong reference that the step-0 check must catch. `method`: the align.train module whose trainer it breaks."""
-    import importlib
+def reference_adapter_dropped(monkeypatch) -> None:
+    """In adapter mode (DPO or KTO): TRL's frozen "ref" copy removed, so its reference forward disables adapters (the
+    base): the wrong reference that the step-0 check must catch."""
+    import align.train.reference as module
 
-    module = importlib.import_module(f"align.train.{method}")
     prepare = module.prepare_reference
 
     def drop_reference_adapter(trainer, reference):

@@ -63,7 +63,7 @@ def test_pairs_split_in_two_with_the_sft_adapter_as_reference(tiny_model_dir, sf
 
 
 def test_a_wrong_reference_fails_step0(tiny_model_dir, sft_adapter, tmp_path, monkeypatch):
-    reference_adapter_dropped(monkeypatch, "kto")
+    reference_adapter_dropped(monkeypatch)
     with pytest.raises(AlignError, match=r"step-0 reference check failed for --ref adapter.*KTO must give"):
         run_kto(recipe(tiny_model_dir, prefs(tmp_path, repeat=1), tmp_path / "out", sft_adapter, ref="adapter"),
                 progress=False)

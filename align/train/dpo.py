@@ -21,19 +21,19 @@ from align.core.config import DPORecipe
 from align.core.errors import AlignError
 from align.core.models import ResolvedModel, load_tokenizer
 from align.train.preference import (
-    REWARD_KEYS, PreferenceSplits, final_rewards, load_policy, preference_collator, prepare_preference_data,
+    REWARD_KEYS, PreferenceSplits, final_rewards, preference_collator, prepare_preference_data,
 )
 from align.train.reference import (
-    ReferencePlan, Step0Rule, check_reference_at_step0, choose_reference, library_bars_as_transformers,
-    load_reference_model, plan_reference, prepare_reference, raise_settings_error, reference_arguments,
+    ReferencePlan, Step0Rule, check_reference_at_step0, choose_reference, plan_reference, reference_arguments,
 )
+from align.train.reference import build_trainer as build_reference_trainer
 from align.train.training import (
     check_run_inputs, continued_lora, finished_run, estimated_steps, final_metrics, finish_training, log_series,
     evaluate_at_saves, plan_machine, progress_callback, quiet_trainer, run_config, run_record, train,
     trainer_arguments, training_run,
 )
 from align.train.truncation import (
-    check_eval_kept, check_prompts_fit, check_truncation, dpo_truncation, numbered, prompt_lengths,
+    check_eval_kept, check_prompts_fit, check_truncation, dpo_truncation, prompt_lengths,
 )
 
 
@@ -99,27 +99,9 @@ def build_trainer(recipe: DPORecipe, policy: ResolvedModel, reference: Reference
                   data: PreferenceSplits, gradient_checkpointing: bool, callbacks: list[Any]) -> Any:
     from trl import DPOTrainer
 
-    model, peft_config = load_policy(policy, recipe, tokenizer, gradient_checkpointing, int(config.seed))
-    ref_model = load_reference_model(reference.model, recipe, tokenizer, model) if reference.model else None
-    try:
-        with library_bars_as_transformers():  # precompute's pass over the data runs inside
-            trainer = DPOTrainer(
-                model=model,
-                ref_model=ref_model,
-                args=config,
-                data_collator=preference_collator(recipe, config, tokenizer),
-                train_dataset=numbered(data.train),
-                eval_dataset=numbered(data.eval) if data.eval else None,
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                callbacks=callbacks,
-            )
-    except (ValueError, NotImplementedError) as exc:
-        raise_settings_error(exc, "dpo")
-        raise
-    prepare_reference(trainer, reference)
-    return quiet_trainer(trainer)
-
+    return quiet_trainer(build_reference_trainer(
+        DPOTrainer, "dpo", recipe, policy, reference, tokenizer, config, data, gradient_checkpointing, callbacks,
+        data_collator=preference_collator(recipe, config, tokenizer)))
 
 
 def run_dpo(recipe: DPORecipe, progress: bool = True) -> Path:

@@ -28,13 +28,13 @@ from align.core.models import ResolvedModel, load_tokenizer
 from align.core.preferences import (
     detect_preference_format, detect_unpaired_format, normalize_preference_rows, normalize_unpaired_rows,
 )
-from align.train.preference import REWARD_KEYS, final_rewards, load_policy
+from align.train.preference import REWARD_KEYS, final_rewards
 from align.train.reference import (
-    ReferencePlan, Step0Rule, check_reference_at_step0, choose_reference, library_bars_as_transformers,
-    load_reference_model, plan_reference, prepare_reference, raise_settings_error, reference_arguments,
+    ReferencePlan, Step0Rule, check_reference_at_step0, choose_reference, plan_reference, reference_arguments,
 )
+from align.train.reference import build_trainer as build_reference_trainer
 from align.train.truncation import (
-    check_eval_kept, check_prompts_fit, check_truncation, kto_truncation, numbered, prompt_lengths,
+    check_eval_kept, check_prompts_fit, check_truncation, kto_truncation, prompt_lengths,
 )
 from align.train.training import (
     check_run_inputs, continued_lora, estimated_steps, evaluate_at_saves, final_metrics, finish_training,
@@ -158,20 +158,8 @@ def build_trainer(recipe: KTORecipe, policy: ResolvedModel, reference: Reference
                   data: LabelledSplits, gradient_checkpointing: bool, callbacks: list[Any]) -> Any:
     from trl import KTOTrainer
 
-    model, peft_config = load_policy(policy, recipe, tokenizer, gradient_checkpointing, int(config.seed))
-    ref_model = load_reference_model(reference.model, recipe, tokenizer, model) if reference.model else None
-    try:
-        with library_bars_as_transformers():  # precompute's pass over the data runs inside
-            trainer = KTOTrainer(
-                model=model, ref_model=ref_model, args=config, processing_class=tokenizer, peft_config=peft_config,
-                train_dataset=numbered(data.train), eval_dataset=numbered(data.eval) if data.eval else None,
-                callbacks=callbacks,
-            )
-    except (ValueError, NotImplementedError) as exc:
-        raise_settings_error(exc, "kto")
-        raise
-    prepare_reference(trainer, reference)
-    return quiet_trainer(trainer)
+    return quiet_trainer(build_reference_trainer(KTOTrainer, "kto", recipe, policy, reference, tokenizer, config, data,
+                                                 gradient_checkpointing, callbacks))
 
 
 def run_kto(recipe: KTORecipe, progress: bool = True) -> Path:

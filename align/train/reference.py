@@ -324,3 +324,27 @@ def raise_settings_error(exc: BaseException, method: str) -> None:
     if raised_here and (Path(code.co_filename).name, code.co_name) in checks:
         raise AlignError(f"{method.upper()} settings: {str(exc).splitlines()[0]}") from None
 
+
+def build_trainer(trainer_class: type, method: str, recipe: ReferenceRecipe, policy: ResolvedModel,
+                  reference: ReferencePlan, tokenizer: Any, config: Any, data: Any, gradient_checkpointing: bool,
+                  callbacks: list[Any], **extra: Any) -> Any:
+    """A TRL trainer of a method with a reference: the policy (the SFT adapter, or a fresh LoRA TRL makes), the
+    `model:PATH` reference when asked, the rows numbered for the truncation count, TRL's own settings errors named
+    as the method's, and the reference TRL made checked against the plan (`prepare_reference`)."""
+    from align.train.preference import load_policy
+    from align.train.truncation import numbered
+
+    model, peft_config = load_policy(policy, recipe, tokenizer, gradient_checkpointing, int(config.seed))
+    ref_model = load_reference_model(reference.model, recipe, tokenizer, model) if reference.model else None
+    try:
+        with library_bars_as_transformers():  # precompute's pass over the data runs inside
+            trainer = trainer_class(
+                model=model, ref_model=ref_model, args=config, processing_class=tokenizer, peft_config=peft_config,
+                train_dataset=numbered(data.train), eval_dataset=numbered(data.eval) if data.eval else None,
+                callbacks=callbacks, **extra,
+            )
+    except (ValueError, NotImplementedError) as exc:
+        raise_settings_error(exc, method)
+        raise
+    prepare_reference(trainer, reference)
+    return trainer
