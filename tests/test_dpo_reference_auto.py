@@ -24,6 +24,8 @@ def test_precompute_when_every_pair_is_read():
 def test_the_adapter_when_the_run_reads_fewer_pairs_than_precompute_would_score():
     kept = choose_reference(ADAPTER, {"max_steps": 2, "per_device_train_batch_size": 4}, 40)
     assert kept.mode == "adapter" and "reads 8 of 40 pairs" in kept.reason
+    examples = choose_reference(ADAPTER, {"max_steps": 2, "per_device_train_batch_size": 4}, 40, unit="examples")
+    assert "reads 8 of 40 examples" in examples.reason  # KTO's rows are labelled examples, not pairs
     base = choose_reference(ReferencePlan("base", None, requested="auto"), {"max_steps": 1}, 40)
     assert base.mode == "base" and base.reason.startswith("base (the frozen base)")
 

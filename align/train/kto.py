@@ -174,7 +174,7 @@ def run_kto(recipe: KTORecipe, progress: bool = True) -> Path:
         tokenizer = load_tokenizer(policy, recipe.model.chat_template)
     with timer.phase("data"):
         data = prepare_labelled_data(recipe)
-    reference = choose_reference(reference, recipe.train, len(data.train))
+    reference = choose_reference(reference, recipe.train, len(data.train), unit="examples")
     weights = class_weights(recipe.train, data.record["desirable"], data.record["undesirable"])
     steps = estimated_steps(recipe.train, len(data.train))
     plan = plan_machine(recipe.model, recipe.train, recipe, "kto", reference.mode)

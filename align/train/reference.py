@@ -86,14 +86,16 @@ def plan_reference(recipe: ReferenceRecipe) -> tuple[ResolvedModel, ReferencePla
 
 
 
-def choose_reference(reference: ReferencePlan, train: dict[str, Any], pairs: int) -> ReferencePlan:
+def choose_reference(reference: ReferencePlan, train: dict[str, Any], pairs: int,
+                     unit: str = "pairs") -> ReferencePlan:
     """`--ref auto` once the data is known: precompute where the reference's log-probs, computed once, stay valid
     for the whole run and cost less than computing them in every step; else the adapter (the base without one).
 
     Precompute is valid here because `align dpo` trains on a fixed list of pairs (no generation during training)
     through the same collator TRL precomputes with, and the reference is frozen, unless `sync_ref_model` moves it.
     It costs one reference forward per pair, the adapter mode one per pair read; a run that stops before reading
-    every pair once (max_steps) would precompute more than it saves."""
+    every pair once (max_steps) would precompute more than it saves. `unit` names the rows in the reason (KTO's are
+    labelled examples)."""
     if reference.requested != "auto":
         return reference
     fallback = f"{reference.mode} (the frozen {'SFT adapter' if reference.mode == 'adapter' else 'base'})"
@@ -102,10 +104,10 @@ def choose_reference(reference: ReferencePlan, train: dict[str, Any], pairs: int
                                          "log-probs computed once would go stale")
     read = rows_read(train, pairs)
     if read < pairs:
-        return replace(reference, reason=f"{fallback}: the run reads {read} of {pairs} pairs, and precomputing "
+        return replace(reference, reason=f"{fallback}: the run reads {read} of {pairs} {unit}, and precomputing "
                                          f"would score all {pairs}, more reference forwards than the {read} it needs")
     return replace(reference, mode="precompute",
-                   reason=f"precompute: a fixed dataset ({pairs} pairs, {read} read in training) and a frozen "
+                   reason=f"precompute: a fixed dataset ({pairs} {unit}, {read} read in training) and a frozen "
                           "reference, so its log-probs are computed once before training instead of in every step")
 
 
