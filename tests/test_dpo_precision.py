@@ -88,7 +88,7 @@ DTYPES = ["bfloat16", "float16", "float32"]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ref", ["adapter", "precompute"])
-def test_right_reference_passes_in_every_dtype(dtype, ref, tiny_model_dir, sft_adapter, tmp_path):
+def test_right_reference_passes_in_every_dtype(dtype, ref, tiny_model_dir, sft_adapter, tmp_path):  # noqa: F811 (the fixture)
     out = run_dpo(recipe(tiny_model_dir, prefs(tmp_path), tmp_path / "out", sft_adapter, ref, dtype=dtype,
                          max_steps=1), progress=False)
     check = record_of(out)["step0_check"]
@@ -111,7 +111,7 @@ def reference_without_sft_adapter(monkeypatch) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ref", ["adapter", "precompute"])
-def test_wrong_reference_fails_in_every_dtype(dtype, ref, tiny_model_dir, sft_adapter, tmp_path, monkeypatch):
+def test_wrong_reference_fails_in_every_dtype(dtype, ref, tiny_model_dir, sft_adapter, tmp_path, monkeypatch):  # noqa: F811 (the fixture)
     (reference_without_sft_adapter if ref == "precompute" else reference_adapter_dropped)(monkeypatch)
     with pytest.raises(AlignError, match=rf"step-0 reference check failed for --ref {ref}"):
         run_dpo(recipe(tiny_model_dir, prefs(tmp_path), tmp_path / "out", sft_adapter, ref, dtype=dtype,

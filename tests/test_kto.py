@@ -54,7 +54,7 @@ def test_unpaired_data_trains_with_balanced_weights_and_passes_step0(tiny_model_
     assert len([h for h in record["log_history"] if "loss" in h]) == 2
 
 
-def test_pairs_split_in_two_with_the_sft_adapter_as_reference(tiny_model_dir, sft_adapter, tmp_path):
+def test_pairs_split_in_two_with_the_sft_adapter_as_reference(tiny_model_dir, sft_adapter, tmp_path):  # noqa: F811 (the fixture)
     record = record_of(run_kto(recipe(tiny_model_dir, prefs(tmp_path, repeat=1), tmp_path / "out", sft_adapter,
                                       ref="adapter"), progress=False))
     assert record["data"]["from_pairs"] is True and record["data"]["desirable"] == record["data"]["undesirable"]
@@ -62,7 +62,7 @@ def test_pairs_split_in_two_with_the_sft_adapter_as_reference(tiny_model_dir, sf
     assert record["step0_check"]["expected_loss"] == pytest.approx(0.5)
 
 
-def test_a_wrong_reference_fails_step0(tiny_model_dir, sft_adapter, tmp_path, monkeypatch):
+def test_a_wrong_reference_fails_step0(tiny_model_dir, sft_adapter, tmp_path, monkeypatch):  # noqa: F811 (the fixture)
     reference_adapter_dropped(monkeypatch)
     with pytest.raises(AlignError, match=r"step-0 reference check failed for --ref adapter.*KTO must give"):
         run_kto(recipe(tiny_model_dir, prefs(tmp_path, repeat=1), tmp_path / "out", sft_adapter, ref="adapter"),
