@@ -39,6 +39,8 @@ class Flag:
     """The value is comma-separated into a list, except the values in `keep`."""
     keep: tuple[str, ...] = ()
     metavar: str | None = None
+    multiple: bool = False
+    """The flag may be repeated; each occurrence adds one item to the list."""
     trl_choices: str | None = None
     """`module:Class` of the TRL config whose field lists the accepted values: `--help` shows the installed
     version's list (`trl_fields.field_choices`), and `check_trl_values` holds values to it."""

@@ -122,6 +122,8 @@ class RecipeOption(ShownDefaultOption):
 
     def to_recipe(self, value: Any) -> Any:
         flag = self.flagged.flag
+        if flag.multiple:
+            return list(value) if value else None
         if flag.comma_list and isinstance(value, str) and value not in flag.keep:
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
@@ -186,6 +188,8 @@ def click_settings(flagged: FlaggedField) -> tuple[list[str], dict[str, Any]]:
         kwargs["type"] = NUMBER
     if flag.metavar:
         kwargs["metavar"] = flag.metavar
+    if flag.multiple:
+        kwargs["multiple"] = True
     return [*flag.names, name], kwargs
 
 
