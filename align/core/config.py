@@ -425,6 +425,58 @@ class KTORecipe(ReferenceRecipe):
     data: UnpairedDataSpec = UnpairedDataSpec()
 
 
+class GRPOTrainSettings(TrainSettings):
+    learning_rate: LearningRate = 1e-5
+    """Peak learning rate (LoRA; TRL's 1e-6 is for full fine-tuning). Not tuned here."""
+    beta: Annotated[float, Field(ge=0), Flag("--beta")] = 0.04
+    """Weight of the per-token KL to the reference (the GRPO paper's 0.04). 0 drops the reference: no KL term and no
+    reference forward (TRL's default, as DAPO and Dr. GRPO train)."""
+    num_generations: Annotated[int, Field(ge=2), Flag("--num-generations")] = 4
+    """Completions sampled per prompt (the group whose rewards are compared). TRL's batch counts completions, so
+    --batch-size x --grad-accum x processes must be a multiple of it: the default batch of 8 holds 2 prompts."""
+    max_completion_length: Annotated[int | None, Field(gt=0), Flag("--max-completion-length")] = 64
+    """Most tokens generated per completion (the demo task's answers take fewer; TRL's default is 256)."""
+    reward_weights: Annotated[list[float] | None, Flag("--reward-weights", comma_list=True, unset="1 each")] = None
+    """One weight per --reward, comma-separated, in the order the rewards are given."""
+    loss_type: Annotated[str, Flag("--loss")] = "dapo"
+    """GRPOConfig's loss_type: how per-token losses are aggregated (TRL's default dapo; grpo, dr_grpo, bnpo, ...)."""
+    max_length: Annotated[int | None, Field(exclude=True)] = None
+    """Not a GRPOConfig field: prompts are kept whole and completions stop at max_completion_length."""
+
+
+class PromptDataSpec(DataSpec):
+    """Prompts to sample completions for: SFT conversations (the prompt is every turn before the last assistant
+    message, which is the reference answer), or rows with a `prompt` column and an optional reference answer."""
+
+    path: Annotated[str, Flag("--data", "-d")] = "builtin:pig-latin"
+    """Prompts: SFT conversations, or rows with a `prompt` (text or messages); jsonl/json/csv/parquet file, hub
+    dataset, or builtin:NAME."""
+    loss_on: Literal["assistant", "last", "all"] = "assistant"
+    """Not used by GRPO (its loss is on the sampled completions)."""
+    answer_column: Annotated[str | None, Flag("--answer-column", unset="auto")] = None
+    """The reference-answer column of `prompt` rows, for rewards that compare with it (exact). auto: `answer`,
+    `reference`, `solution` or `completion`, the first present."""
+
+
+class GRPORecipe(ReferenceRecipe):
+    """`align grpo`: group-relative policy optimization over TRL's GRPOTrainer: completions sampled online for each
+    prompt, scored by reward functions, and the policy moved toward the better ones of each group, with a KL to the
+    reference. `train` takes GRPOConfig fields."""
+
+    train_settings: ClassVar[type[TrainSettings]] = GRPOTrainSettings
+
+    data: PromptDataSpec = PromptDataSpec()
+    ref: Annotated[str | None, Flag("--ref", unset="auto", metavar="auto|adapter|base")] = None
+    """Reference of the KL term (beta > 0): auto (the frozen SFT adapter, or the base without one), adapter, base.
+    precompute and model:PATH do not apply (completions are sampled online; TRL's GRPOTrainer takes no separate
+    reference with a LoRA policy)."""
+    rewards: Annotated[list[str], Field(min_length=1), Flag("--reward", multiple=True, metavar="NAME[:ARG]")] = [
+        "pig-latin"]
+    """A reward function, repeatable: pig-latin (word accuracy by the house rule), exact (equals the reference
+    answer), regex:PATTERN (1 when the whole completion matches), length[:N] (minus the share of
+    max_completion_length spent beyond N tokens), or FILE.py:FUNCTION (TRL's reward-function signature)."""
+
+
 class ORPOTrainSettings(TrainSettings):
     learning_rate: LearningRate = 5e-5
     """Peak learning rate (LoRA; the ORPO paper's full fine-tuning used 5e-6 to 8e-6)."""

@@ -709,7 +709,8 @@ def setup_from_recipe(recipe: Any, stage: Stage, ref: str | None = None, device:
         lora_dropout=recipe.lora.dropout,
         optim=str(train["optim"]),
         batch_size=int(train["per_device_train_batch_size"]),
-        max_length=int(train["max_length"] or TrainSetup.max_length),  # None (no truncation): plan a typical length
+        # None (no truncation), or no max_length at all (grpo: a prompt plus max_completion_length): a typical length
+        max_length=int(train.get("max_length") or TrainSetup.max_length),
         grad_accum=int(train["gradient_accumulation_steps"]),
         gradient_checkpointing=recipe.model.gradient_checkpointing is True or bool(train.get("gradient_checkpointing")),
         attn="flash" if str(recipe.model.attn).startswith("flash") else recipe.model.attn,

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.core.config import DPORecipe, KTORecipe, ORPORecipe, SFTRecipe, SimPORecipe, TrainRecipe
+from align.core.config import DPORecipe, GRPORecipe, KTORecipe, ORPORecipe, SFTRecipe, SimPORecipe, TrainRecipe
 
-DataKind = Literal["sft", "pairs", "unpaired"]
+DataKind = Literal["sft", "pairs", "unpaired", "prompts"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class TrainingMethod:
     runner: str
     """`module:function` that trains it: (recipe, progress=True) -> the finished output dir."""
     data: DataKind
-    """What a row is: an SFT conversation, a preference pair, or an unpaired completion with a label."""
+    """What a row is: an SFT conversation, a preference pair, an unpaired completion with a label, or a prompt to
+    sample completions for (with an optional reference answer)."""
     reference: bool
     """Whether a reference model shapes the loss (`--ref` modes, the step-0 check, reference forwards)."""
     sequences_per_row: int
@@ -95,6 +96,18 @@ METHODS: dict[str, TrainingMethod] = {m.name: m for m in (
         summary="SimPO: a length-normalized log-likelihood margin with a target gap, no reference model. From the "
                 "base or an SFT adapter; `train` takes any CPOConfig field (TRL's experimental CPOTrainer with "
                 "loss_type simpo, pinned by tests/test_reference_free.py)."),
+    TrainingMethod(
+        name="grpo", recipe=GRPORecipe, trl_config="trl:GRPOConfig", runner="align.train.grpo:run_grpo",
+        data="prompts", reference=True, disables_dropout=False,
+        # TRL's batch counts completions, not prompts (a prompt's num_generations completions are num_generations
+        # rows of it), so each batch row is one sequence. Not planned yet: the KV cache of generation (sampling
+        # runs under no_grad, after the previous step's activations are freed) and, with beta > 0, the reference's
+        # no-grad forward (a second pass over the batch, not a second copy of the weights).
+        sequences_per_row=1,
+        summary="GRPO: online RL from reward functions over TRL's GRPOTrainer. For each prompt a group of "
+                "completions is sampled and scored (--reward: pig-latin, exact, regex:PATTERN, length[:N] or "
+                "FILE.py:FUNCTION, weighted by --reward-weights), with a KL to the frozen SFT adapter or the base "
+                "(--ref adapter|base; --beta 0: none) and a step-0 check; `train` takes any GRPOConfig field."),
 )}
 
 
