@@ -276,3 +276,18 @@ def test_user_reward_files_that_cannot_load_are_one_line(user_file, tmp_path):
     broken.write_text("import no_such_module_here\n")
     with pytest.raises(AlignError, match=r"broken\.py:f: importing .*broken\.py raised ModuleNotFoundError"):
         parse_reward(f"{broken}:f", 8)
+
+
+def test_a_pipeline_grpo_stage_continues_an_sft_stage(tmp_path):
+    from align.pipeline.run import load_pipeline
+    from align.pipeline.stages import stage_refs
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - {name: sft, kind: sft}\n"
+                      "  - {name: rl, kind: grpo, adapter: sft, rewards: [pig-latin, 'regex:[a-z ]+'],\n"
+                      "     train: {num_generations: 2, beta: 0.0, reward_weights: [1.0, 0.2]}}\n")
+    stage = load_pipeline(recipe).stages[1]
+    assert stage.kind == "grpo" and stage.rewards == ["pig-latin", "regex:[a-z ]+"] and stage_refs(stage) == ["sft"]
+    recipe.write_text("stages:\n  - {name: rl, kind: grpo, train: {num_generation: 2}}\n")
+    with pytest.raises(AlignError, match=r"unknown key 'train.num_generation' \(did you mean 'num_generations'\?\)"):
+        load_pipeline(recipe)
