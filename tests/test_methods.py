@@ -28,10 +28,12 @@ def test_every_method_is_a_command_a_stage_kind_and_a_planner_stage():
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_dropout_trait_is_the_trl_config_s_default(name):
-    """The planner plans LoRA dropout off where the TRL config's `disable_dropout` defaults to True."""
+    """The planner plans LoRA dropout off where the run's `disable_dropout` defaults to True: the recipe's default
+    where its train settings set one (grpo), else the TRL config's."""
     fields = {f.name: f for f in dataclasses.fields(METHODS[name].config_class())}
     default = fields["disable_dropout"].default if "disable_dropout" in fields else False
-    assert METHODS[name].disables_dropout == default
+    ours = METHODS[name].recipe.train_settings.model_fields.get("disable_dropout")
+    assert METHODS[name].disables_dropout == (ours.default if ours is not None else default)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -438,6 +438,10 @@ class GRPOTrainSettings(TrainSettings):
     """Most tokens generated per completion (the demo task's answers take fewer; TRL's default is 256)."""
     reward_weights: Annotated[list[float] | None, Flag("--reward-weights", comma_list=True, unset="1 each")] = None
     """One weight per --reward, comma-separated, in the order the rewards are given."""
+    disable_dropout: bool = True
+    """Dropout off, LoRA's included (TRL's GRPOConfig defaults to on): the reference forward runs on the same model in
+    training mode, so dropout would make the KL to the reference noise; DPO and KTO turn it off for the same reason.
+    A continued SFT adapter keeps its own lora.dropout (0.05 from align sft), which this zeroes."""
     loss_type: Annotated[str, Flag("--loss")] = "dapo"
     """GRPOConfig's loss_type: how per-token losses are aggregated (TRL's default dapo; grpo, dr_grpo, bnpo, ...)."""
     max_length: Annotated[int | None, Field(exclude=True)] = None

@@ -38,8 +38,8 @@ class TrainingMethod:
     sequences_per_row: int
     """Sequences one row puts through the model per step (the planner's activations): a pair is two."""
     disables_dropout: bool
-    """Its TRL config's `disable_dropout` defaults to True, which zeroes LoRA's dropout too (the planner plans none;
-    tests/test_methods.py reads the TRL default)."""
+    """The run's `disable_dropout` defaults to True (its recipe's default, else its TRL config's), which zeroes LoRA's
+    dropout too (the planner plans none; tests/test_methods.py reads both defaults)."""
     record: str = "run.json"
     """Written last into the output dir: its presence means the run finished."""
 
@@ -98,7 +98,7 @@ METHODS: dict[str, TrainingMethod] = {m.name: m for m in (
                 "loss_type simpo, pinned by tests/test_reference_free.py)."),
     TrainingMethod(
         name="grpo", recipe=GRPORecipe, trl_config="trl:GRPOConfig", runner="align.train.grpo:run_grpo",
-        data="prompts", reference=True, disables_dropout=False,
+        data="prompts", reference=True, disables_dropout=True,  # our default, not TRL's (GRPOTrainSettings)
         # TRL's batch counts completions, not prompts (a prompt's num_generations completions are num_generations
         # rows of it), so each batch row is one sequence. Not planned yet: the KV cache of generation (sampling
         # runs under no_grad, after the previous step's activations are freed) and, with beta > 0, the reference's
