@@ -149,6 +149,9 @@ def test_beta_zero_has_no_reference_and_refuses_one(tiny_model_dir, random_adapt
         plan_grpo_reference(recipe.model_copy(update={"ref": "adapter"}), beta=0.0)
     _, reference = plan_grpo_reference(recipe, beta=0.1)
     assert reference is not None and reference.mode == "adapter"
+    assert "precompute does not apply to online samples" in reference.reason
+    with pytest.raises(AlignError, match="--ref base with an SFT adapter: the reference would be the base model"):
+        plan_grpo_reference(recipe.model_copy(update={"ref": "base"}), beta=0.1)
 
 
 def test_reward_weights_must_match_the_rewards():

@@ -78,7 +78,7 @@ def plan_reference(recipe: ReferenceRecipe) -> tuple[ResolvedModel, ReferencePla
                          "against the base model)")
     if mode == "base" and policy.adapter is not None:
         raise AlignError("--ref base with an SFT adapter: the reference would be the base model while the policy starts "
-                         "from the SFT adapter, so DPO would pull toward the wrong target; use --ref adapter")
+                         "from the SFT adapter, so training would pull toward the wrong target; use --ref adapter")
     if policy.adapter is None and mode in ("base", "precompute") and recipe.lora.init in ("pissa", "loftq"):
         raise AlignError(f"lora.init={recipe.lora.init} rewrites the base weights, so the base with adapters disabled "
                          "is not the starting policy; use lora.init default or gaussian")
