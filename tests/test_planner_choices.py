@@ -12,8 +12,7 @@ import pytest
 
 from align.core.config import ModelSpec, SFTRecipe
 from align.train.estimate import (
-    GiB, TrainSetup, choose_layout, layout_options, plan_from_recipe, plan_memory, predicted_relative_time,
-    shape_from_config,
+    GiB, TrainSetup, choose_layout, plan_from_recipe, plan_memory, predicted_relative_time,
 )
 from align.train.training import liger_choice, packing_choice, plan_machine, trainer_arguments
 

@@ -4,7 +4,6 @@ request bitsandbytes cannot serve on this device, a CUDA out-of-memory during tr
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
