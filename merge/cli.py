@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from align.core.clitools import CONTEXT_SETTINGS, OneLineGroup, comma_floats, debug_option, handle_errors
+from merge.extract import DEFAULT_MIN_AGREEMENT, ExtractRequest, parse_rank, run_extract_lora
 from merge.methods import DEFAULT_DENSITY, METHODS, PARAMETERS, MergekitMethod, MergeParams, Option
 from merge.run import MergeRequest, run_config_file, run_merge_request
 
@@ -210,6 +211,25 @@ def config(file: Path, out: Path, overwrite: bool, seed: int | None, shard_size:
     """Run any mergekit configuration FILE (for everything the shortcuts don't cover)."""
     _done(run_config_file(file, out, overwrite=overwrite, seed=seed, shard_size=shard_size,
                           allow_base_mismatch=allow_base_mismatch))
+
+
+@main.command(name="extract-lora")
+@click.argument("model")
+@click.option("--base", required=True, help="The model MODEL was fine-tuned from.")
+@click.option("--rank", "rank", required=True, metavar="R|auto",
+              help="The adapter's rank, or auto: the smallest of 1, 2, 4, ... that reaches --min-agreement.")
+@click.option("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, show_default=True,
+              help="With --rank auto: top-1 agreement with MODEL to keep, over every position of fixed prompts.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output adapter dir.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output dir.")
+@debug_option
+@handle_errors
+def extract_lora(model: str, base: str, rank: str, min_agreement: float, out: Path, overwrite: bool,
+                 debug: bool) -> None:
+    """MODEL − BASE as a LoRA adapter on BASE (mergekit's SVD extraction), with its error in merge.json."""
+    request = ExtractRequest(model=model, base=base, out=out, rank=parse_rank(rank), min_agreement=min_agreement,
+                             overwrite=overwrite)
+    click.echo(f"extracted into {run_extract_lora(request)}")
 
 
 if __name__ == "__main__":
