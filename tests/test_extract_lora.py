@@ -84,6 +84,13 @@ def test_extracting_at_the_adapters_own_rank_reproduces_its_outputs(lora, extrac
     assert record["logit_agreement"]["max_logit_diff"] < 1e-4
 
 
+def test_an_adapter_as_model_is_merged_into_its_base_first(lora, tiny_model_dir, tmp_path):
+    result = run_cli("extract-lora", lora, "--base", tiny_model_dir, "--rank", RANK, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    again = prompt_logits(tiny_model_dir, tmp_path / "out") - prompt_logits(tiny_model_dir, lora)
+    assert again.abs().max() < 1e-4
+
+
 def test_a_lower_rank_gives_a_larger_error(extracted):
     records = {r: json.loads((path / "merge.json").read_text()) for r, path in extracted.items()}
     errors = [records[r]["reconstruction_error"]["max"] for r in (1, 2, RANK)]
@@ -131,8 +138,21 @@ def other_shape(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("extract") / "deeper", seed=3, layers=3)
 
 
-@pytest.mark.parametrize("case", ["missing", "rank0", "shape", "same", "bad-rank", "agreement"])
-def test_bad_input_is_one_line(case, merged, tiny_model_dir, other_shape, tmp_path):
+@pytest.fixture(scope="module")
+def other_architecture(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama's files, declared a Mistral: same tensors and shapes, another architecture."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("extract") / "mistral"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("case", ["missing", "rank0", "shape", "architecture", "same", "bad-rank", "agreement"])
+def test_bad_input_is_one_line(case, merged, tiny_model_dir, other_shape, other_architecture, tmp_path):
     out = tmp_path / "out"
     model, base, rank, extra = merged, tiny_model_dir, "2", []
     if case == "missing":
@@ -141,6 +161,8 @@ def test_bad_input_is_one_line(case, merged, tiny_model_dir, other_shape, tmp_pa
         rank = "0"
     elif case == "shape":
         base = other_shape
+    elif case == "architecture":
+        base = other_architecture
     elif case == "same":
         model = tiny_model_dir
     elif case == "bad-rank":
