@@ -188,10 +188,10 @@ def resolve_moe_models(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _local_reference(reference: Any, path: Path) -> MergeInput | None:
-    """A local model dir of the configuration as a MergeInput (for the shape checks); None for hub models and
-    `model+lora` references, which mergekit resolves itself."""
-    if reference.lora is not None:
-        return None
+    """A local model dir of the configuration as a MergeInput (for the shape checks); None for a hub model."""
+    if reference.lora is not None:  # mergekit-moe loads every model as it is, with no LoRA merge
+        raise AlignError(f"{path}: {reference}: mergekit-moe cannot read a MODEL+LORA reference; give the adapter dir "
+                         "to `merge moe --expert`, which merges it into its base first")
     local = Path(reference.model.path).expanduser()
     looks_local = reference.model.path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not local.is_dir():

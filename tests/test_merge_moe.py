@@ -150,7 +150,7 @@ def adapter_on_b(tiny_model_dir_b, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", ["shape", "other-base", "empty-prompt", "empty-file", "too-many-per-token",
-                                  "prompt-count", "config-per-token"])
+                                  "prompt-count", "config-per-token", "config-lora"])
 def test_bad_input_is_one_line_and_leaves_nothing(case, tiny_model_dir, experts, deeper, adapter_on_b, tmp_path):
     out = tmp_path / "out"
     second, prompts, extra = experts[1], [PROMPTS[0], PROMPTS[1]], []
@@ -171,6 +171,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, tiny_model_dir, experts,
             *[a for p in prompts for a in ("--prompts", p)], "--gate-mode", "cheap_embed", *extra, "-o", out]
     if case == "config-per-token":
         config = {**moe_config(tiny_model_dir, experts, "cheap_embed"), "experts_per_token": 3}
+        (tmp_path / "moe.yaml").write_text(yaml.safe_dump(config))
+        args = ["moe-config", tmp_path / "moe.yaml", "-o", out]
+    if case == "config-lora":
+        config = moe_config(tiny_model_dir, [experts[0], f"{tiny_model_dir}+{adapter_on_b}"], "cheap_embed")
         (tmp_path / "moe.yaml").write_text(yaml.safe_dump(config))
         args = ["moe-config", tmp_path / "moe.yaml", "-o", out]
     result = run_cli(*args)
