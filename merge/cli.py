@@ -219,13 +219,14 @@ def config(file: Path, out: Path, overwrite: bool, seed: int | None, shard_size:
 @click.option("--base", required=True, help="The model MODEL was fine-tuned from.")
 @click.option("--rank", "rank", required=True, metavar="R|auto",
               help="The adapter's rank, or auto: the smallest of 1, 2, 4, ... that reaches --min-agreement.")
-@click.option("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, show_default=True,
-              help="With --rank auto: top-1 agreement with MODEL to keep, over every position of fixed prompts.")
+@click.option("--min-agreement", type=float, default=None,
+              help=f"With --rank auto: top-1 agreement with MODEL to keep, over every position of fixed prompts "
+                   f"(default {DEFAULT_MIN_AGREEMENT:g}).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output adapter dir.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output dir.")
 @debug_option
 @handle_errors
-def extract_lora(model: str, base: str, rank: str, min_agreement: float, out: Path, overwrite: bool,
+def extract_lora(model: str, base: str, rank: str, min_agreement: float | None, out: Path, overwrite: bool,
                  debug: bool) -> None:
     """MODEL − BASE as a LoRA adapter on BASE (mergekit's SVD extraction), with its error in merge.json."""
     request = ExtractRequest(model=model, base=base, out=out, rank=parse_rank(rank), min_agreement=min_agreement,

@@ -42,8 +42,9 @@ class ExtractRequest:
     out: Path
     rank: int | None
     """The adapter's rank; None is `--rank auto` (the smallest rank of the ladder that keeps `min_agreement`)."""
-    min_agreement: float = DEFAULT_MIN_AGREEMENT
-    """With `--rank auto`: the top-1 agreement with MODEL, over every position of the fixed prompts, to keep."""
+    min_agreement: float | None = None
+    """With `--rank auto` only: the top-1 agreement with MODEL, over every position of the fixed prompts, to keep
+    (default DEFAULT_MIN_AGREEMENT)."""
     overwrite: bool = False
 
 
@@ -63,6 +64,7 @@ class Agreement:
 def run_extract_lora(request: ExtractRequest) -> Path:
     """Check everything, then extract into `request.out`; returns the output dir."""
     check_request(request)
+    minimum = DEFAULT_MIN_AGREEMENT if request.min_agreement is None else request.min_agreement
     check_output_dir(request.out, request.overwrite)
     timer = Timer()
     with timer.phase("checks"):
@@ -89,10 +91,10 @@ def run_extract_lora(request: ExtractRequest) -> Path:
             with timer.phase("compare"):
                 agreement = compare(reference, base.base_dir, attempt, token_ids)
             trials.append({"rank": rank, **agreement.as_dict()})
-            if request.rank is not None or agreement.top1 >= request.min_agreement:
+            if request.rank is not None or agreement.top1 >= minimum:
                 break
         else:
-            raise AlignError(f"no rank up to {rank} reaches --min-agreement {request.min_agreement:g} (best top-1 "
+            raise AlignError(f"no rank up to {rank} reaches --min-agreement {minimum:g} (best top-1 "
                              f"agreement {max(t['top1_agreement'] for t in trials):.4f})")
         with timer.phase("errors"):
             errors = reconstruction_errors(model_dir, base.base_dir, attempt)
@@ -105,7 +107,7 @@ def run_extract_lora(request: ExtractRequest) -> Path:
             "method": "extract-lora",
             "inputs": [{**model.describe(), "role": "model"}, {**base.describe(), "role": "base"}],
             "parameters": {"rank": "auto" if request.rank is None else request.rank,
-                           "min_agreement": request.min_agreement if request.rank is None else None},
+                           "min_agreement": minimum if request.rank is None else None},
             "output": {"kind": "adapter", "path": str(request.out)},
             "rank": rank,
             "rank_rule": "--rank auto: the smallest rank of the ladder reaching --min-agreement"
@@ -124,6 +126,10 @@ def run_extract_lora(request: ExtractRequest) -> Path:
 def check_request(request: ExtractRequest) -> None:
     if request.rank is not None and request.rank <= 0:
         raise AlignError(f"--rank {request.rank}: must be a positive integer or auto")
+    if request.min_agreement is None:
+        return
+    if request.rank is not None:
+        raise AlignError(f"--min-agreement applies to --rank auto only (--rank {request.rank} is fixed)")
     if not 0.0 < request.min_agreement <= 1.0:
         raise AlignError(f"--min-agreement {request.min_agreement:g} is outside (0, 1]")
 

@@ -151,7 +151,8 @@ def other_architecture(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", ["missing", "rank0", "shape", "architecture", "same", "bad-rank", "agreement"])
+@pytest.mark.parametrize("case", ["missing", "rank0", "shape", "architecture", "same", "bad-rank", "agreement",
+                                  "agreement-with-fixed-rank"])
 def test_bad_input_is_one_line(case, merged, tiny_model_dir, other_shape, other_architecture, tmp_path):
     out = tmp_path / "out"
     model, base, rank, extra = merged, tiny_model_dir, "2", []
@@ -168,7 +169,9 @@ def test_bad_input_is_one_line(case, merged, tiny_model_dir, other_shape, other_
     elif case == "bad-rank":
         rank = "big"
     elif case == "agreement":
-        extra = ["--min-agreement", "1.5"]
+        rank, extra = "auto", ["--min-agreement", "1.5"]
+    elif case == "agreement-with-fixed-rank":
+        extra = ["--min-agreement", "0.9"]
     result = run_cli("extract-lora", model, "--base", base, "--rank", rank, *extra, "-o", out)
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()

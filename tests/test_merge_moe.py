@@ -90,6 +90,14 @@ def test_hidden_and_random_gates_match_mergekit_moe(gate_mode, tiny_model_dir, e
     assert_same_tensors(tmp_path / "out", oracle)
 
 
+def test_prompts_are_a_files_lines_or_one_text(tmp_path):
+    from merge.moe import read_prompts
+
+    (tmp_path / "p.txt").write_bytes("\ufeffone\r\n\r\n  two  \n".encode())
+    assert read_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
+    assert read_prompts("just this") == ["just this"]
+
+
 def test_output_is_a_mixtral_that_loads_and_generates(shortcut_cheap, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
