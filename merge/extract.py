@@ -218,7 +218,7 @@ def extract_with_mergekit(model_dir: Path, base_dir: Path, out: Path, rank: int,
     from mergekit.options import MergeOptions
     from mergekit.scripts.extract_lora import TaskVectorDecompositionTask, make_config_dict, plan_extraction
 
-    from merge.run import _forget_mergekit_loaders
+    from merge.run import _forget_mergekit_loaders, mergekit_bars_off
 
     base_ref = ModelReference.model_validate(str(base_dir))
     model_ref = ModelReference.model_validate(str(model_dir))
@@ -227,14 +227,16 @@ def extract_with_mergekit(model_dir: Path, base_dir: Path, out: Path, rank: int,
     # modules_to_save at full rank
     unchanged = [f"^{re.escape(m)}$" for m in _all_modules(model_dir) if m not in changed]
     modules_to_save: list[str] = []  # plan_extraction appends the modules it saves at full rank
+    ranks = {}
     try:
-        plan = plan_extraction(base_model_ref=base_ref, model_ref=model_ref, modules_to_save=modules_to_save, out_path=str(out),
-                               options=MergeOptions(quiet=True), max_rank=rank, exclude_regexes=unchanged)
-        ranks = {}
-        for task, result in Executor(plan.tasks, math_device=torch.device("cpu"),
-                                     storage_device=torch.device("cpu")).run(quiet=True):
-            if isinstance(task, TaskVectorDecompositionTask):
-                ranks[task.weight_info.name.removesuffix(".weight")] = result[0].shape[0]
+        with mergekit_bars_off():
+            plan = plan_extraction(base_model_ref=base_ref, model_ref=model_ref, modules_to_save=modules_to_save,
+                                   out_path=str(out), options=MergeOptions(quiet=True), max_rank=rank,
+                                   exclude_regexes=unchanged)
+            for task, result in Executor(plan.tasks, math_device=torch.device("cpu"),
+                                         storage_device=torch.device("cpu")).run(quiet=True):
+                if isinstance(task, TaskVectorDecompositionTask):
+                    ranks[task.weight_info.name.removesuffix(".weight")] = result[0].shape[0]
     finally:
         _forget_mergekit_loaders()
     config = make_config_dict(base_ref=base_ref, max_rank=max(ranks.values(), default=rank),

@@ -233,7 +233,7 @@ def _build(plan: _Plan, out: Path, seed: int | None, timer: Timer) -> int | list
     from mergekit.scripts.moe import build, select_output_arch
     from transformers.trainer_utils import set_seed
 
-    from merge.run import _forget_mergekit_loaders
+    from merge.run import _forget_mergekit_loaders, mergekit_bars_off
 
     config = validate_moe_config(plan.run_config, "the MoE configuration")
     options = MergeOptions(quiet=True, random_seed=seed, copy_tokenizer=True)
@@ -247,7 +247,8 @@ def _build(plan: _Plan, out: Path, seed: int | None, timer: Timer) -> int | list
     with timer.phase("mergekit-moe"):
         try:
             logging.getLogger().disabled = True  # its progress logging is at INFO and WARNING on the root logger
-            build(config, str(out), options, device=options.device, allow_all_same=True)
+            with mergekit_bars_off():
+                build(config, str(out), options, device=options.device, allow_all_same=True)
         except SystemExit:
             raise AlignError("mergekit-moe refused the configuration") from None
         finally:
