@@ -26,6 +26,8 @@ from merge.inputs import MergeInput
 GATE_MODES = ("hidden", "cheap_embed", "random")
 """mergekit-moe's gate modes: router vectors from the prompts' hidden states per layer (runs the base), from the
 prompts' mean token embedding (same for every layer), or at random (prompts optional; pass a seed)."""
+MERGEKIT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+"""Every gate mode mergekit-moe reads (`merge moe-config` takes them all)."""
 
 
 @dataclass
@@ -112,7 +114,9 @@ def run_moe_config(path: Path, out: Path, overwrite: bool = False, seed: int | N
     raw = resolve_moe_models(raw)
     config = validate_moe_config(raw, str(path))
     prompts = [list(e.positive_prompts or []) for e in config.experts]
-    check_counts(config.gate_mode, config.experts_per_token, len(config.experts), prompts, where=f"{path}: ")
+    negatives = [list(e.negative_prompts or []) for e in config.experts]
+    check_counts(config.gate_mode, config.experts_per_token, len(config.experts), prompts, where=f"{path}: ",
+                 negatives=negatives, gate_modes=MERGEKIT_GATE_MODES)
     models = [config.base_model] + [e.source_model for e in config.experts] + [
         e.source_model for e in config.shared_experts or []]
     items = [_local_reference(m, path) for m in models]
@@ -136,11 +140,12 @@ def run_moe_config(path: Path, out: Path, overwrite: bool = False, seed: int | N
 
 
 def check_counts(gate_mode: str, experts_per_token: int, experts: int, prompts: list[list[str]],
-                 where: str = "") -> None:
+                 where: str = "", negatives: list[list[str]] | None = None,
+                 gate_modes: tuple[str, ...] = GATE_MODES) -> None:
     """mergekit-moe's own `is_bad_config` rules as one-line errors (it logs them and exits 1), plus a prompt list
-    per expert."""
-    if gate_mode not in GATE_MODES:
-        raise AlignError(f"{where}gate mode {gate_mode!r}: expected one of {', '.join(GATE_MODES)}")
+    per expert. `prompts` are each expert's positive prompts, `negatives` its negative ones (configurations only)."""
+    if gate_mode not in gate_modes:
+        raise AlignError(f"{where}gate mode {gate_mode!r}: expected one of {', '.join(gate_modes)}")
     if experts < 2:
         raise AlignError(f"{where}a mixture needs at least 2 experts, got {experts}")
     if experts_per_token < 1:
@@ -154,7 +159,8 @@ def check_counts(gate_mode: str, experts_per_token: int, experts: int, prompts: 
     for index, given in enumerate(prompts):
         if not given:
             raise AlignError(f"{where}expert {index + 1} has no prompts (gate mode {gate_mode} routes by them)")
-    if all(p == prompts[0] for p in prompts[1:]):
+    routed_by = [(p, n) for p, n in zip(prompts, negatives or [[] for _ in prompts])]
+    if all(r == routed_by[0] for r in routed_by[1:]):
         raise AlignError(f"{where}every expert has the same prompts: the router could not tell them apart")
 
 
