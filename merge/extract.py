@@ -80,8 +80,9 @@ def run_extract_lora(request: ExtractRequest) -> Path:
         changed = changed_modules(model_dir, base.base_dir)
         if not changed:
             raise AlignError(f"{model.spec} has the same weights as {base.spec}: there is nothing to extract")
+        tokenizer_dir = _tokenizer_dir(model, base)
         with timer.phase("reference"):
-            token_ids = prompt_ids(model.tokenizer_dir)
+            token_ids = prompt_ids(tokenizer_dir)
             reference = logits(_load(model_dir), token_ids)
         trials = []
         for rank in _ranks_to_try(request, changed):
@@ -101,7 +102,7 @@ def run_extract_lora(request: ExtractRequest) -> Path:
         for name in (attempt / "adapter_model.safetensors", attempt / "adapter_config.json"):
             shutil.move(str(name), handle.path / name.name)
         shutil.rmtree(scratch)
-        _copy_tokenizer(model.tokenizer_dir, handle.path)
+        _copy_tokenizer(tokenizer_dir, handle.path)
         record = {
             "command": "extract-lora",
             "method": "extract-lora",
@@ -171,6 +172,12 @@ def _model_dir(model: MergeInput, scratch: Path) -> Path:
     target = scratch / "model"
     materialize_adapter(model, target)
     return target
+
+
+def _tokenizer_dir(model: MergeInput, base: MergeInput) -> Path:
+    """MODEL's tokenizer (an adapter's own, else its base's), or BASE's when MODEL's dir holds weights only."""
+    own = model.tokenizer_dir
+    return own if (own / "tokenizer_config.json").is_file() else base.tokenizer_dir
 
 
 def changed_modules(model_dir: Path, base_dir: Path) -> dict[str, tuple[int, ...]]:
