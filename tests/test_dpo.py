@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import reference_adapter_dropped, write_jsonl
 from safetensors.torch import load_file
 
+import align.train.dpo  # noqa: F401
 from align.cli import main
 from align.core.config import DPORecipe, SFTRecipe
 from align.train.dpo import run_dpo, step0_loss
