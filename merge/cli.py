@@ -9,6 +9,8 @@ from typing import Any
 import click
 
 from align.core.clitools import CONTEXT_SETTINGS, OneLineGroup, comma_floats, debug_option, handle_errors
+from merge.extract import DEFAULT_MIN_AGREEMENT, ExtractRequest, parse_rank, run_extract_lora
+from merge.moe import GATE_MODES, MoERequest, read_prompts, run_moe, run_moe_config
 from merge.methods import DEFAULT_DENSITY, METHODS, PARAMETERS, MergekitMethod, MergeParams, Option
 from merge.run import MergeRequest, run_config_file, run_merge_request
 
@@ -210,6 +212,63 @@ def config(file: Path, out: Path, overwrite: bool, seed: int | None, shard_size:
     """Run any mergekit configuration FILE (for everything the shortcuts don't cover)."""
     _done(run_config_file(file, out, overwrite=overwrite, seed=seed, shard_size=shard_size,
                           allow_base_mismatch=allow_base_mismatch))
+
+
+@main.command(name="extract-lora")
+@click.argument("model")
+@click.option("--base", required=True, help="The model MODEL was fine-tuned from.")
+@click.option("--rank", "rank", required=True, metavar="R|auto",
+              help="The adapter's rank, or auto: the smallest of 1, 2, 4, ... that reaches --min-agreement.")
+@click.option("--min-agreement", type=float, default=None,
+              help=f"With --rank auto: top-1 agreement with MODEL to keep, over every position of fixed prompts "
+                   f"(default {DEFAULT_MIN_AGREEMENT:g}).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output adapter dir.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output dir.")
+@debug_option
+@handle_errors
+def extract_lora(model: str, base: str, rank: str, min_agreement: float | None, out: Path, overwrite: bool,
+                 debug: bool) -> None:
+    """MODEL − BASE as a LoRA adapter on BASE (mergekit's SVD extraction), with its error in merge.json."""
+    request = ExtractRequest(model=model, base=base, out=out, rank=parse_rank(rank), min_agreement=min_agreement,
+                             overwrite=overwrite)
+    click.echo(f"extracted into {run_extract_lora(request)}")
+
+
+@main.command()
+@click.option("--base", required=True, help="The model whose attention, embeddings and norms the mixture keeps.")
+@click.option("--expert", "experts", multiple=True, required=True,
+              help="A model or SFT adapter whose MLPs become one expert; repeat, each followed by its --prompts.")
+@click.option("--prompts", "prompts", multiple=True,
+              help="The expert's routing prompts: a file (one prompt a line) or the text of one prompt.")
+@click.option("--gate-mode", type=click.Choice(GATE_MODES), default="hidden", show_default=True,
+              help="Router vectors from the prompts' hidden states (runs BASE), their mean embedding, or random.")
+@click.option("--experts-per-token", type=int, default=2, show_default=True, help="Experts each token is routed to.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output model dir.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output dir.")
+@seed_option
+@allow_base_mismatch_option
+@debug_option
+@handle_errors
+def moe(base: str, experts: tuple[str, ...], prompts: tuple[str, ...], gate_mode: str, experts_per_token: int,
+        out: Path, overwrite: bool, seed: int | None, allow_base_mismatch: bool, debug: bool) -> None:
+    """A mixture of experts (mergekit-moe): BASE with each --expert's MLPs as experts, routed by their --prompts."""
+    per_expert = [read_prompts(p) for p in prompts] if prompts or gate_mode != "random" else [[] for _ in experts]
+    request = MoERequest(base=base, experts=list(experts), prompts=per_expert, out=out, gate_mode=gate_mode,
+                         experts_per_token=experts_per_token, seed=seed, overwrite=overwrite,
+                         allow_base_mismatch=allow_base_mismatch)
+    _done(run_moe(request))
+
+
+@main.command(name="moe-config")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output model dir.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output dir.")
+@seed_option
+@debug_option
+@handle_errors
+def moe_config(file: Path, out: Path, overwrite: bool, seed: int | None, debug: bool) -> None:
+    """Run any mergekit-moe configuration FILE (base_model, experts with positive_prompts, gate_mode, ...)."""
+    _done(run_moe_config(file, out, overwrite=overwrite, seed=seed))
 
 
 if __name__ == "__main__":

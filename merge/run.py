@@ -7,7 +7,9 @@ read factors → merge → write an adapter.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -259,6 +261,25 @@ def run_mergekit(config: dict[str, Any], out: Path, seed: int | None = None, sha
     finally:
         _forget_mergekit_loaders()
         shutil.rmtree(out / ".lora-cache", ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mergekit_bars_off() -> Iterator[None]:
+    """mergekit-moe and mergekit-extract-lora draw tqdm bars with no option to stop them (run_merge has `quiet`);
+    every mergekit module calls `tqdm.tqdm` or `tqdm.trange`, so the bars stay off while those names are quiet."""
+    import tqdm
+
+    original, original_trange = tqdm.tqdm, tqdm.trange
+
+    class Quiet(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    tqdm.tqdm, tqdm.trange = Quiet, lambda *args, **kwargs: Quiet(range(*args), **kwargs)
+    try:
+        yield
+    finally:
+        tqdm.tqdm, tqdm.trange = original, original_trange
 
 
 def parse_shard_size(value: str | None) -> int:

@@ -16,7 +16,10 @@ from align.core.models import cpu_runs_bf16_fast
 from align.train.dpo import run_dpo
 from align.train.sft import run_sft
 
-from test_dpo import prefs, record_of, recipe, sft_adapter  # noqa: F401  (the module-scoped fixture)
+import test_dpo
+from test_dpo import prefs, record_of, recipe
+
+sft_adapter = test_dpo.sft_adapter  # the module-scoped fixture, shared (an assignment: test arguments may shadow it)
 
 
 def sentence(rng: random.Random, words: list[str], n: int) -> str:

@@ -15,7 +15,10 @@ from align.core.config import KTORecipe
 from align.core.errors import AlignError
 from align.train.kto import class_weights, run_kto
 
-from test_dpo import prefs, sft_adapter  # noqa: F401  (the module-scoped fixture)
+import test_dpo
+from test_dpo import prefs
+
+sft_adapter = test_dpo.sft_adapter  # the module-scoped fixture, shared (an assignment: test arguments may shadow it)
 
 
 def labelled_rows(path: Path, desirable: int = 6, undesirable: int = 3) -> Path:
