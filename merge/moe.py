@@ -44,6 +44,9 @@ class MoERequest:
     seed: int | None = None
     overwrite: bool = False
     allow_base_mismatch: bool = False
+    template_source: str | None = None
+    """A model or adapter dir whose tokenizer and chat template the MoE takes (the base's otherwise): the pipeline
+    passes its last SFT stage, so the mixture renders and stops as the experts were trained to."""
 
 
 @dataclass
@@ -96,12 +99,13 @@ def run_moe(request: MoERequest) -> Path:
         shown = {item.spec: _shown(item) for item in everyone}
         run_config, shown_config = (_config(request, base, experts, paths) for paths in (local, shown))
         plan = _Plan(run_config, shown_config, [{**i.describe(), "role": "base" if i is base else "expert"}
-                                                for i in everyone], base.tokenizer_dir)
+                                                for i in everyone],
+                     Path(request.template_source) if request.template_source else base.tokenizer_dir)
         eos = _build(plan, handle.path, request.seed, timer)
         shutil.rmtree(scratch)
         record = _record("moe", plan, handle.path, request.out, eos, timer, {
             "experts_per_token": request.experts_per_token, "gate_mode": request.gate_mode, "seed": request.seed,
-            "allow_base_mismatch": request.allow_base_mismatch})
+            "allow_base_mismatch": request.allow_base_mismatch, "template_source": request.template_source})
         handle.commit("merge.json", record)
     return request.out
 

@@ -1,4 +1,4 @@
-"""`align run RECIPE`: the whole loop as named stages (sft, pairs, dpo, merge, eval), each a call of the same
+"""`align run RECIPE`: the whole loop as named stages (sft, pairs, dpo, merge (moe, extract-lora too), eval), each a call of the same
 plain function the single commands use, with outputs in RUNDIR/<stage>/.
 
 A stage is skipped when its output is complete (its final record exists) and its fingerprint, which covers its
@@ -20,10 +20,11 @@ from align.core.dotted import set_path
 from align.core.errors import AlignError
 from align.core.trl_fields import check_trl_values
 from align.pipeline.export import run_export_stage
+from align.pipeline.moe import read_prompt_files, run_extract_stage, run_moe_stage
 from align.pipeline.pairs import run_pairs_stage
 from align.pipeline.report import run_eval_stage, write_report
-from align.pipeline.stages import (RECORDS, EvalStage, MergeStage, Pipeline, PipelineRecipe, PreferenceStage,
-                                   TrainStage, stage_refs)
+from align.pipeline.stages import (RECORDS, EvalStage, ExtractStage, MergeStage, MoEStage, Pipeline, PipelineRecipe,
+                                   PreferenceStage, TrainStage, stage_refs)
 from align.pipeline.sweep import run_merge_stage
 from align.pipeline.template import check_sft_template
 from align.train.methods import METHODS
@@ -44,6 +45,7 @@ def load_pipeline(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> P
                              f"({', '.join(n for n in stages if n)})")
     recipe = validate(PipelineRecipe, data, str(path))
     anchor_suite_paths(recipe, Path(path).parent)
+    read_prompt_files(recipe, Path(path).parent, str(path))
     for stage in recipe.stages:
         check_stage_train(stage, f"{path}: stage '{stage.name}'")
     return recipe
@@ -137,6 +139,10 @@ def run_stage(stage: Any, pipeline: Pipeline) -> Path:
     """Run one stage into RUNDIR/<name>, replacing what was there (the caller decided it is out of date)."""
     if isinstance(stage, TrainStage):
         return run_training_stage(stage, pipeline)
+    if isinstance(stage, MoEStage):
+        return run_moe_stage(stage, pipeline)
+    if isinstance(stage, ExtractStage):
+        return run_extract_stage(stage, pipeline)
     runners = {"pairs": run_pairs_stage, "merge": run_merge_stage, "eval": run_eval_stage, "export": run_export_stage}
     return runners[stage.kind](stage, pipeline)
 

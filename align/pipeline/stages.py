@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, create_model, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, create_model, field_validator, model_validator
 
 from align.core.config import ModelSpec, Section
-from align.core.errors import did_you_mean
+from align.core.errors import AlignError, did_you_mean
 from align.train.methods import METHODS, TrainingMethod
 
 BASE = "base"
@@ -128,7 +128,8 @@ class MergeStage(StageSpec):
         from merge.methods import METHODS as MERGE_METHODS
 
         if value not in MERGE_METHODS:
-            raise ValueError(f"unknown merge method {value!r}{did_you_mean(value, list(MERGE_METHODS))}")
+            known = [*MERGE_METHODS, *OWN_FIELDS]
+            raise ValueError(f"unknown merge method {value!r}{did_you_mean(value, known)}")
         return value
 
     @model_validator(mode="after")
@@ -136,6 +137,87 @@ class MergeStage(StageSpec):
         if len(self.candidates()) > 1 and self.select is None:
             raise ValueError("a sweep (several t or weight sets) needs a `select` section")
         return self
+
+
+class MoEExpert(Section):
+    """One expert of a `method: moe` merge stage and the prompts that route tokens to it."""
+
+    model: str
+    """An earlier stage (an SFT/DPO adapter, merged into its base first, or a merged model) or a model/adapter path."""
+    prompts: list[str] | str | None = None
+    """Routing prompts: a list, or a text file with one prompt per line (relative to the recipe)."""
+    prompts_from_data: int | None = Field(default=None, gt=0)
+    """Instead of `prompts`: the first user message of each of the first N rows of stage `model`'s training data
+    (`data.path`, at most its `data.limit` rows), as raw text."""
+
+    @model_validator(mode="after")
+    def _one_source_of_prompts(self) -> MoEExpert:
+        if self.prompts is not None and self.prompts_from_data is not None:
+            raise ValueError(f"expert {self.model!r}: give `prompts` or `prompts_from_data`, not both")
+        return self
+
+
+class MoEStage(StageSpec):
+    """`merge moe` as a stage: a mixture of experts by mergekit-moe (merge/moe.py), on the recipe's model as base."""
+
+    kind: Literal["merge"]
+    method: Literal["moe"]
+    experts: list[MoEExpert]
+    gate_mode: str = "hidden"
+    """hidden (router vectors from the prompts' hidden states; runs the base), cheap_embed, or random."""
+    experts_per_token: int = 2
+    seed: int | None = None
+    """For gate mode random."""
+    allow_base_mismatch: bool = False
+    """Take adapters trained on another base than the recipe's model (refused otherwise)."""
+
+    @model_validator(mode="after")
+    def _counts(self) -> MoEStage:
+        from merge.moe import check_counts
+
+        if self.gate_mode != "random" and any(e.prompts is None and e.prompts_from_data is None for e in self.experts):
+            missing = next(e.model for e in self.experts if e.prompts is None and e.prompts_from_data is None)
+            raise ValueError(f"expert {missing!r} has no `prompts` or `prompts_from_data` "
+                             f"(gate mode {self.gate_mode} routes by them)")
+        # prompts read later (a file, a stage's data) stand in as one distinct placeholder each; run_moe checks them
+        known = [e.prompts if isinstance(e.prompts, list) else [f"<{e.model}>"] if self.gate_mode != "random" else []
+                 for e in self.experts]
+        try:
+            check_counts(self.gate_mode, self.experts_per_token, len(self.experts), known)
+        except AlignError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class ExtractStage(StageSpec):
+    """`merge extract-lora` as a stage: an earlier model stage minus the base, as a PEFT LoRA adapter on the base
+    (merge/extract.py); later stages and eval take it as any adapter."""
+
+    kind: Literal["merge"]
+    method: Literal["extract-lora"]
+    model: str
+    """The stage (or model/adapter path) whose difference from the base is extracted."""
+    base: str = BASE
+    """The full model the adapter applies to: the recipe's model unless named."""
+    rank: int | Literal["auto"]
+    min_agreement: float | None = None
+    """With rank auto: the top-1 agreement with `model` on fixed prompts to keep (merge extract-lora's default)."""
+
+    @model_validator(mode="after")
+    def _rank(self) -> ExtractStage:
+        from merge.extract import ExtractRequest, check_request
+
+        request = ExtractRequest(self.model, self.base, Path(), None if self.rank == "auto" else self.rank,
+                                 self.min_agreement)
+        try:
+            check_request(request)
+        except AlignError as exc:
+            raise ValueError(str(exc).replace("--min-agreement", "min_agreement").replace("--rank", "rank")) from None
+        return self
+
+
+OWN_FIELDS: dict[str, type[StageSpec]] = {"moe": MoEStage, "extract-lora": ExtractStage}
+"""Merge methods that are their own commands (`merge moe`, `merge extract-lora`), so their stages have own fields."""
 
 
 class EvalStage(StageSpec):
@@ -157,8 +239,22 @@ class ExportStage(StageSpec):
     """Load the file back through transformers' GGUF loader and record the logit comparison in export.json."""
 
 
-Stage = Annotated[Union[(*TRAINING_STAGES.values(), PairsStage, MergeStage, EvalStage, ExportStage)],  # type: ignore[valid-type]
-                  Field(discriminator="kind")]
+def stage_tag(data: Any) -> str | None:
+    """Which stage model reads a stage: its `kind`, or `merge/METHOD` for the merge methods with own fields."""
+    def get(key: str) -> Any:
+        return data.get(key) if isinstance(data, dict) else getattr(data, key, None)
+
+    kind, method = get("kind"), get("method")
+    return f"merge/{method}" if kind == "merge" and method in OWN_FIELDS else kind
+
+
+KINDS = [*TRAINING_STAGES, "pairs", "merge", "eval", "export"]
+Stage = Annotated[Union[(*(Annotated[cls, Tag(kind)] for kind, cls in TRAINING_STAGES.items()),  # type: ignore[valid-type]
+                         Annotated[PairsStage, Tag("pairs")], Annotated[MergeStage, Tag("merge")],
+                         *(Annotated[cls, Tag(f"merge/{m}")] for m, cls in OWN_FIELDS.items()),
+                         Annotated[EvalStage, Tag("eval")], Annotated[ExportStage, Tag("export")])],
+                  Discriminator(stage_tag, custom_error_type="stage_kind",
+                                custom_error_message=f"a stage's kind must be one of {', '.join(KINDS)}")]
 
 
 class PipelineRecipe(Section):
@@ -192,6 +288,10 @@ def _referenced(stage: Any) -> list[str]:
         return [r for r in (stage.model, getattr(stage, "adapter", None), *data) if r]
     if isinstance(stage, MergeStage):
         return [*stage.models, *([stage.base] if stage.base else []), *(split_slice(s)[0] for s in stage.slices)]
+    if isinstance(stage, MoEStage):
+        return [e.model for e in stage.experts]
+    if isinstance(stage, ExtractStage):
+        return [stage.model, stage.base]
     if isinstance(stage, EvalStage):
         return list(stage.models)
     if isinstance(stage, ExportStage):
