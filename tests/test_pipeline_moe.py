@@ -170,3 +170,19 @@ stages:
     result = run_cli(tmp_path / "recipe.yaml", "-o", tmp_path / "run")
     assert result.exit_code == 2 and "prompts_from_data needs the expert to be an SFT-data training stage" in result.stderr
 
+
+def test_two_skills_moe_routes_each_expert_by_its_own_training_prompts(tmp_path):
+    """recipes/two-skills.yaml loads, and its MoE stage's prompts (read without running a stage) are each skill's
+    first training prompts, capped at what the stage trains on."""
+    from align.core.demo import builtin_dataset
+    from align.pipeline.moe import expert_prompts
+    from align.pipeline.run import load_pipeline
+    from align.pipeline.stages import MoEStage, Pipeline
+
+    recipe = load_pipeline(Path(__file__).resolve().parents[1] / "recipes" / "two-skills.yaml",
+                           ["pig.data.limit=5"])
+    stage = next(s for s in recipe.stages if isinstance(s, MoEStage))
+    prompts = expert_prompts(stage, Pipeline(recipe, tmp_path, "", {}))
+    expected = [[row["messages"][0]["content"] for row in builtin_dataset(name)[:n]]
+                for name, n in (("pig-latin", 5), ("reverse-words", 32))]
+    assert prompts == expected and "moe" in next(s for s in recipe.stages if s.name == "eval").models
