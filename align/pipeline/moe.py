@@ -41,9 +41,13 @@ def expert_prompts(stage: MoEStage, pipeline: Pipeline) -> list[list[str]]:
     expert stage's training data (no more than its `data.limit`), as raw text (mergekit-moe tokenizes prompts without
     a chat template)."""
     from align.core.data import load_sft_data
+    from merge.moe import read_prompts
 
     prompts = []
     for expert in stage.experts:
+        if isinstance(expert.prompts, str):  # a recipe built without load_pipeline: the file, relative to here
+            prompts.append(read_prompts(expert.prompts))
+            continue
         if expert.prompts_from_data is None:
             prompts.append(list(expert.prompts or []))
             continue
