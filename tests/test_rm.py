@@ -124,8 +124,8 @@ def test_trivial_data_is_learned(tiny_model_dir, tmp_path):
 
     good, bad = ("!", "?") if untrained_score("cow!") < untrained_score("cow?") else ("?", "!")
     data, held = pairs(tmp_path / "t.jsonl", WORDS[:12], good, bad), pairs(tmp_path / "e.jsonl", WORDS[12:], good, bad)
-    result = CliRunner().invoke(main, rm_args(tiny_model_dir, data, tmp_path / "out", "--max-steps", "10",
-                                              "--batch-size", "12", "--lr", "1e-2", "--eval-data", str(held)))
+    result = CliRunner().invoke(main, rm_args(tiny_model_dir, data, tmp_path / "out", "--max-steps", "6",
+                                              "--batch-size", "12", "--lr", "2e-2", "--eval-data", str(held)))
     assert result.exit_code == 0, result.output
     accuracy = json.loads((tmp_path / "out" / "run.json").read_text())["pair_accuracy"]
     assert accuracy["pairs"] == 8 and accuracy["correct"] >= 7, accuracy
