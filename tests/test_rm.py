@@ -152,6 +152,16 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, trai
     assert "is a LoRA adapter" in one_line_exit_2(rm_args(trained[0], data, out), out)
 
 
+def test_eval_pairs_that_max_length_drops_are_refused_inside_the_run_and_leave_nothing(tiny_model_dir, tmp_path):
+    """RewardTrainer drops over-long pairs after the output dir is locked: the refusal still leaves nothing."""
+    data = pairs(tmp_path / "p.jsonl", WORDS[:6])
+    held = write_jsonl(tmp_path / "long.jsonl", [{"prompt": f"say {w}", "chosen": w * 40, "rejected": w * 41}
+                                                 for w in WORDS[6:9]])
+    out = tmp_path / "out"
+    assert "--max-length 100 leaves 0 of the 3 eval pairs" in one_line_exit_2(
+        rm_args(tiny_model_dir, data, out, "--max-length", "100", "--eval-data", str(held)), out)
+
+
 def test_score_refuses_a_dir_that_is_not_a_reward_model(tiny_model_dir):
     with pytest.raises(AlignError, match="not a reward model dir"):
         score(tiny_model_dir, ["say cat"], ["cat!"])
