@@ -94,8 +94,10 @@ def test_accuracy_is_plain_peft_s_on_the_eval_pairs_with_a_wilson_interval(train
     assert (accuracy["correct"], accuracy["pairs"], accuracy["interval"]) == (correct, 6, "wilson")
     assert accuracy["mean_margin"] == pytest.approx(sum(c - r for c, r in zip(chosen, rejected)) / 6, abs=1e-4)
     assert accuracy["ci95"] == pytest.approx(list(wilson_interval(correct, 6)))
-    # score() reads the dir as plain PEFT does
-    assert score(out, [r["prompt"] for r in rows], [r["chosen"] for r in rows]) == pytest.approx(chosen, abs=1e-4)
+    # score() reads the dir as plain PEFT does, and padding a batch (a longer answer beside it) changes no score
+    prompts = [r["prompt"] for r in rows] + ["say it at length"]
+    scores = score(out, prompts, [r["chosen"] for r in rows] + ["a much longer answer than the others"])
+    assert scores[:-1] == pytest.approx(chosen, abs=1e-4)
 
 
 @pytest.mark.parametrize(("k", "n"), [(0, 4), (4, 4), (3, 6), (8, 10), (57, 100)])
