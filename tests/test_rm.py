@@ -117,14 +117,17 @@ def test_trivial_data_is_learned(tiny_model_dir, tmp_path):
     untrained = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
-    def untrained_score(answer: str) -> float:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": "say cow"},
+    def untrained_score(answer: str, prompt: str = "say cow") -> float:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                              {"role": "assistant", "content": answer}],
                                             tokenize=True, return_dict=True, return_tensors="pt")
         with torch.no_grad():
             return float(untrained(**ids).logits[0, 0])
 
     good, bad = ("!", "?") if untrained_score("cow!") < untrained_score("cow?") else ("?", "!")
+    untrained_correct = sum(untrained_score(w + good, f"say {w}") > untrained_score(w + bad, f"say {w}")
+                            for w in WORDS[12:])
+    assert untrained_correct <= 4  # the premise: without training this orientation is no better than chance
     data, held = pairs(tmp_path / "t.jsonl", WORDS[:12], good, bad), pairs(tmp_path / "e.jsonl", WORDS[12:], good, bad)
     result = CliRunner().invoke(main, rm_args(tiny_model_dir, data, tmp_path / "out", "--max-steps", "6",
                                               "--batch-size", "12", "--lr", "2e-2", "--eval-data", str(held)))
