@@ -513,6 +513,21 @@ class SimPORecipe(PreferenceRecipe):
     train_settings: ClassVar[type[TrainSettings]] = SimPOTrainSettings
 
 
+class RMDataSpec(PreferenceDataSpec):
+    eval_size: Annotated[int | float, Field(ge=0), Flag("--eval-size")] = 0
+    """Pairs held out (a count, or a share below 1) to report pair accuracy on, with its 95% interval; or give
+    --eval-data. With neither, run.json has no accuracy."""
+
+
+class RMRecipe(TrainRecipe):
+    """`align rm`: a LoRA reward model (the base with a one-output score head) over TRL's RewardTrainer, trained on
+    the pairs `align dpo` reads so that the chosen answer scores above the rejected one. From a base model only (an
+    SFT adapter is a causal-LM adapter: merge it into its base first). `train` takes RewardConfig fields."""
+
+    data: RMDataSpec = RMDataSpec()
+    lora: DPOLoraSpec = DPOLoraSpec()
+
+
 # ---- loading and overriding --------------------------------------------------------------------------------------
 
 

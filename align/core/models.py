@@ -397,12 +397,15 @@ def load_model(
     options: LoadOptions | None = None,
     tokenizer: Any = None,
     adapter: Literal["load", "trainable", "skip"] = "load",
+    num_labels: int | None = None,
 ) -> Any:
     """Load the base (optionally quantized), grow its embeddings to the tokenizer, and put the adapter on top.
 
     `adapter`: "load" for inference, "trainable" to keep training the adapter, "skip" for the bare base.
+    `num_labels`: load it as a sequence classifier with a fresh head of that many outputs (a reward model: 1)
+    instead of a causal LM.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     options = options or LoadOptions()
     precision = pick_precision(options.dtype)
@@ -417,12 +420,16 @@ def load_model(
         kwargs["device_map"] = options.device_map or ("auto" if torch.cuda.is_available() else {"": "cpu"})
     elif options.device_map is not None:
         kwargs["device_map"] = options.device_map
+    auto_class: Any = AutoModelForCausalLM
+    if num_labels is not None:
+        auto_class, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels
+    kind = "a causal language model" if num_labels is None else "a sequence classifier"
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.base, **kwargs)
+        model = auto_class.from_pretrained(resolved.base, **kwargs)
     except OSError as exc:
         raise _load_error(resolved, exc) from None
     except ValueError as exc:
-        raise AlignError(f"cannot load {resolved.spec} as a causal language model: {str(exc).splitlines()[0]}") from None
+        raise AlignError(f"cannot load {resolved.spec} as {kind}: {str(exc).splitlines()[0]}") from None
     if tokenizer is not None:
         resize_embeddings(model, tokenizer)
     if options.gradient_checkpointing:
@@ -440,7 +447,7 @@ def resize_embeddings(model: Any, tokenizer: Any) -> None:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:  # a sequence classifier has none
         set_generation_stops(model.generation_config, tokenizer)
 
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.core.config import DPORecipe, GRPORecipe, KTORecipe, ORPORecipe, SFTRecipe, SimPORecipe, TrainRecipe
+from align.core.config import (
+    DPORecipe, GRPORecipe, KTORecipe, ORPORecipe, RMRecipe, SFTRecipe, SimPORecipe, TrainRecipe,
+)
 
 DataKind = Literal["sft", "pairs", "unpaired", "prompts"]
 
@@ -108,6 +110,13 @@ METHODS: dict[str, TrainingMethod] = {m.name: m for m in (
                 "completions is sampled and scored (--reward: pig-latin, exact, regex:PATTERN, length[:N] or "
                 "FILE.py:FUNCTION, weighted by --reward-weights), with a KL to the frozen SFT adapter or the base "
                 "(--ref adapter|base; --beta 0: none) and a step-0 check; `train` takes any GRPOConfig field."),
+    TrainingMethod(
+        name="rm", recipe=RMRecipe, trl_config="trl:RewardConfig", runner="align.train.rm:run_rm", data="pairs",
+        reference=False, sequences_per_row=2, disables_dropout=True,  # chosen and rejected in one batch
+        summary="A LoRA reward model over TRL's RewardTrainer: the base with a one-output score head, trained on the "
+                "pairs `align dpo` reads so the chosen answer scores above the rejected one. run.json records held-out "
+                "pair accuracy with a Wilson 95% interval (--eval-size or --eval-data); the output is a PEFT "
+                "sequence-classification adapter; `train` takes any RewardConfig field."),
 )}
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from transformers import set_seed
 
 from align.core.artifacts import Timer, partial_dir
-from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec, PreferenceRecipe
+from align.core.config import DPORecipe, MixtureSource, PreferenceDataSpec, PreferenceRecipe, RMRecipe
 from align.core.data import Rows, fingerprint_rows, hold_out
 from align.core.errors import AlignError
 from align.core.mixture import Mixture, mix_sources
@@ -64,7 +64,7 @@ class PreferenceSplits:
 
 
 
-def prepare_preference_data(recipe: PreferenceRecipe) -> PreferenceSplits:
+def prepare_preference_data(recipe: PreferenceRecipe | RMRecipe) -> PreferenceSplits:
     spec = recipe.data
     mixture = None
     if spec.mixture:

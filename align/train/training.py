@@ -745,7 +745,8 @@ def save_adapter(model: Any, tokenizer: Any, path: Path) -> None:
         raise AlignError(f"cannot save the adapter to {path}: {cause.strerror or cause}") from None
 
 
-def write_model_card(path: Path, stage: str, recipe: TrainRecipe, resolved: ResolvedModel, metrics: dict[str, Any]) -> None:
+def write_model_card(path: Path, stage: str, recipe: TrainRecipe, resolved: ResolvedModel, metrics: dict[str, Any],
+                     loader: str = "AutoPeftModelForCausalLM", load_arguments: str = "") -> None:
     lines = [
         "---",
         "library_name: peft",
@@ -758,9 +759,9 @@ def write_model_card(path: Path, stage: str, recipe: TrainRecipe, resolved: Reso
         f"Trained with alignmerge `align {stage}` on `{recipe.data.path}` from `{resolved.spec}`.",
         "",
         "```python",
-        "from peft import AutoPeftModelForCausalLM",
+        f"from peft import {loader}",
         "from transformers import AutoTokenizer",
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{path.name}")',
+        f'model = {loader}.from_pretrained("{path.name}"{load_arguments})',
         f'tokenizer = AutoTokenizer.from_pretrained("{path.name}")',
         "```",
         "",
@@ -827,15 +828,19 @@ def finish_training(
     resolved: ResolvedModel,
     record: dict[str, Any],
     plots: dict[str, dict[str, list[tuple[float, float]]]],
+    loader: str = "AutoPeftModelForCausalLM",
+    load_arguments: str = "",
 ) -> Path:
     """Save adapter, tokenizer, plots and model card, then run.json last, and move the dir into place.
-    Only the main process writes; the others return the same path."""
+    Only the main process writes; the others return the same path. `loader` and `load_arguments`: how the card
+    loads the adapter (a PEFT auto class, and what follows the path in its call)."""
     if not handle.writer:
         return handle.commit("run.json", record)
     save_adapter(trainer.model, tokenizer, handle.path)
     for name, series in plots.items():
         plot_series(handle.path / name, series, f"{stage}: {name.removesuffix('.png')}")
-    write_model_card(handle.path, stage, recipe, resolved, record["metrics"])
+    write_model_card(handle.path, stage, recipe, resolved, record["metrics"], loader,
+                     load_arguments)
     return handle.commit("run.json", record)
 
 
