@@ -79,6 +79,8 @@ def read_prompts(value: str) -> list[str]:
 
 def run_moe(request: MoERequest) -> Path:
     """Check everything, then build the MoE into `request.out`; returns the output dir."""
+    from merge.run import local_dir, mergekit_reference
+
     check_output_dir(request.out, request.overwrite)
     check_counts(request.gate_mode, request.experts_per_token, len(request.experts), request.prompts)
     base = checks.resolve_inputs([request.base])[0]
@@ -95,8 +97,8 @@ def run_moe(request: MoERequest) -> Path:
         scratch = handle.path / ".materialized"
         scratch.mkdir()
         with timer.phase("materialize"):
-            local = {item.spec: _local_dir(item, scratch) for item in everyone}
-        shown = {item.spec: _shown(item) for item in everyone}
+            local = {item.spec: local_dir(item, scratch) for item in everyone}
+        shown = {item.spec: mergekit_reference(item) for item in everyone}
         run_config, shown_config = (_config(request, base, experts, paths) for paths in (local, shown))
         plan = _Plan(run_config, shown_config, [{**i.describe(), "role": "base" if i is base else "expert"}
                                                 for i in everyone],
@@ -210,21 +212,6 @@ def _local_reference(reference: Any, path: Path) -> MergeInput | None:
 
 
 # ---- running mergekit-moe ---------------------------------------------------------------------------------------
-
-
-def _local_dir(item: MergeInput, scratch: Path) -> str:
-    from merge.run import materialize_adapter
-
-    if not item.is_adapter:
-        return str(item.base_dir)
-    target = scratch / f"{len(list(scratch.iterdir()))}-{item.resolved.adapter.name}"
-    materialize_adapter(item, target)
-    return str(target)
-
-
-def _shown(item: MergeInput) -> str:
-    """How mergekit itself would name the input: `base+adapter` for an adapter."""
-    return f"{item.base_dir}+{item.resolved.adapter}" if item.is_adapter else str(item.base_dir)
 
 
 def _config(request: MoERequest, base: MergeInput, experts: list[MergeInput], paths: dict[str, str]) -> dict[str, Any]:

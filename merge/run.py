@@ -126,8 +126,8 @@ def _merge_models(request: MergeRequest, items: list[MergeInput], base: MergeInp
         scratch = handle.path / ".materialized"
         scratch.mkdir()
         with timer.phase("materialize"):
-            local = {item.spec: _local_dir(item, scratch) for item in everyone}
-        shown = {item.spec: _mergekit_reference(item) for item in everyone}
+            local = {item.spec: local_dir(item, scratch) for item in everyone}
+        shown = {item.spec: mergekit_reference(item) for item in everyone}
         run_config = _config(request, items, base, slices, local, tokenizer_source)
         shown_config = _config(request, items, base, slices, shown, tokenizer_source)
         if any(i.is_adapter for i in everyone) and request.dtype is None:
@@ -187,7 +187,9 @@ def _tokenizer_source(value: str | None, items: list[MergeInput]) -> str | None:
     raise AlignError(f"--tokenizer-source {value!r}: give base, union or one of the inputs ({', '.join(i.spec for i in items)})")
 
 
-def _local_dir(item: MergeInput, scratch: Path) -> str:
+def local_dir(item: MergeInput, scratch: Path) -> str:
+    """A local model dir mergekit can read for one input: the model's own, or an adapter merged into its base in
+    `scratch` (inside the output's partial dir)."""
     if not item.is_adapter:
         return str(item.base_dir)
     target = scratch / f"{len(list(scratch.iterdir()))}-{item.resolved.adapter.name}"
@@ -195,7 +197,7 @@ def _local_dir(item: MergeInput, scratch: Path) -> str:
     return str(target)
 
 
-def _mergekit_reference(item: MergeInput) -> str:
+def mergekit_reference(item: MergeInput) -> str:
     """How mergekit-yaml itself names the input: `base+adapter` for an adapter (it merges LoRAs on load)."""
     return f"{item.base_dir}+{item.resolved.adapter}" if item.is_adapter else str(item.base_dir)
 
