@@ -165,13 +165,25 @@ class LoraSpec(Section):
     """LoRA dropout."""
     target_modules: Annotated[str | list[str],
                               Flag("--target-modules", comma_list=True, keep=("all-linear",))] = "all-linear"
-    """Comma-separated module names, or all-linear."""
+    """Comma-separated module names, or all-linear; empty ('' or []) for no LoRA matrices at all, when
+    modules_to_save names what is trained (a mixture's router alone: `--target-modules '' --modules-to-save
+    gate`)."""
+    modules_to_save: Annotated[list[str] | None, Flag("--modules-to-save", comma_list=True, unset="none")] = None
+    """Comma-separated module names trained whole and saved in the adapter (PEFT's modules_to_save), e.g. gate
+    (a Mixtral's routers)."""
     rslora: Annotated[bool, Flag("--rslora")] = False
     """Scale by alpha/sqrt(r)."""
     dora: Annotated[bool, Flag("--dora")] = False
     """Weight-decomposed LoRA."""
     init: Annotated[Literal["default", "gaussian", "pissa", "loftq"], Flag("--lora-init")] = "default"
     """LoRA initialization."""
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> LoraSpec:
+        if not self.target_modules and not self.modules_to_save:
+            raise ValueError("lora.target_modules is empty and lora.modules_to_save names nothing: nothing would "
+                             "be trained")
+        return self
 
     @property
     def lora_alpha(self) -> float:

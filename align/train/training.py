@@ -30,7 +30,11 @@ from align.train.divergence import FiniteGuard
 
 
 def lora_config(spec: LoraSpec, task: str = "CAUSAL_LM") -> Any:
+    """PEFT's LoraConfig for the recipe's lora section. No target modules (only modules_to_save trained) is PEFT's
+    dummy target, the one value its injection accepts for an adapter without LoRA matrices (X-LoRA's base uses it);
+    the adapter then loads with plain `PeftModel.from_pretrained` like any other."""
     from peft import LoraConfig
+    from peft.utils.constants import DUMMY_TARGET_MODULES
 
     init: Any = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}[spec.init]
     extra: dict[str, Any] = {}
@@ -42,7 +46,8 @@ def lora_config(spec: LoraSpec, task: str = "CAUSAL_LM") -> Any:
         r=spec.r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.dropout,
-        target_modules=spec.target_modules,
+        target_modules=spec.target_modules or DUMMY_TARGET_MODULES,
+        modules_to_save=spec.modules_to_save or None,
         use_rslora=spec.rslora,
         use_dora=spec.dora,
         init_lora_weights=init,
@@ -53,7 +58,8 @@ def lora_config(spec: LoraSpec, task: str = "CAUSAL_LM") -> Any:
 
 # A recipe's lora.* field and the adapter_config.json key that records it.
 ADAPTER_CONFIG_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
-                       "rslora": "use_rslora", "dora": "use_dora", "init": "init_lora_weights"}
+                       "modules_to_save": "modules_to_save", "rslora": "use_rslora", "dora": "use_dora",
+                       "init": "init_lora_weights"}
 
 
 def adapter_lora(adapter: Path) -> dict[str, Any]:
@@ -66,6 +72,7 @@ def adapter_lora(adapter: Path) -> dict[str, Any]:
         raise AlignError(f"{adapter}: cannot read adapter_config.json ({str(exc).splitlines()[0]})") from None
     own = {field: config.get(key) for field, key in ADAPTER_CONFIG_KEYS.items()}
     own["target_modules"] = module_names(own["target_modules"])
+    own["modules_to_save"] = sorted(own["modules_to_save"] or [])
     own["init"] = "default" if own["init"] in (True, None) else str(own["init"])
     return own
 
@@ -91,7 +98,12 @@ def continued_lora(recipe: TrainRecipe, adapter: Path | None) -> TrainRecipe:
 
 def module_names(targets: Any) -> Any:
     """LoRA target modules as sorted module names: PEFT saves an `all-linear` adapter's targets as full paths
-    (`model.layers.0.mlp.down_proj`), a listed one's as given; a regex string stays as it is."""
+    (`model.layers.0.mlp.down_proj`), a listed one's as given; a regex string stays as it is; PEFT's dummy target
+    (no LoRA matrices) is no module."""
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    if targets == DUMMY_TARGET_MODULES:
+        return []
     if isinstance(targets, (list, set, tuple)):
         return sorted({str(t).rsplit(".", 1)[-1] for t in targets})
     return targets
@@ -101,6 +113,8 @@ def _same_lora_value(field: str, value: Any, own: Any) -> bool:
     if field == "target_modules":
         # all-linear is expanded into module names when an adapter is made, so any saved list may be what it meant
         return value == "all-linear" or module_names([value] if isinstance(value, str) else value) == own
+    if field == "modules_to_save":
+        return sorted(value or []) == own
     if field == "alpha" and value is None:
         return True  # unset: 2*r by default, which the adapter's own alpha replaces
     return value == own
@@ -143,7 +157,38 @@ def attach_lora(model: Any, spec: LoraSpec, gradient_checkpointing: bool, seed: 
     model = prepare_quantized(model, gradient_checkpointing)
     if isinstance(model, PeftModel):
         return model
+    check_modules_to_save(model, spec.modules_to_save or [])
     return get_peft_model(model, lora_config(spec))
+
+
+def check_modules_to_save(model: Any, names: list[str]) -> None:
+    """Each lora.modules_to_save entry must name a module (PEFT's rule: a module path ending with it), or PEFT
+    would train nothing for it without a word. A mixture's router trained alone must get a gradient: with one
+    expert per token Mixtral renormalizes the chosen expert's weight to exactly 1, so the loss does not depend on
+    the router's weights at all (its gradient is zero) and the run would end with the router it started with."""
+    paths = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    for entry in names:
+        matched = [path for path in paths if path.endswith(entry)]
+        if not matched:
+            raise AlignError(f"lora.modules_to_save: no module named '{entry}' in {type(model).__name__} "
+                             f"(its layers hold: {', '.join(layer_module_names(model))})")
+        routers = [path for path in matched if type(model.get_submodule(path)).__name__.endswith("Router")]
+        if routers and getattr(model.config, "num_experts_per_tok", None) == 1:
+            raise AlignError(f"lora.modules_to_save: '{entry}' is the router of a mixture with one expert per token, "
+                             "which gets no gradient (the chosen expert's weight is renormalized to 1); build the "
+                             "mixture with experts_per_token 2 or more to train its router")
+
+
+def layer_module_names(model: Any) -> list[str]:
+    """The module names inside the first decoder layer (`self_attn`, `mlp.gate`, ...): what modules_to_save can name."""
+    import re
+
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        match = re.search(r"\.0\.(.+)$", name)
+        if match and match.group(1) not in found:
+            found.append(match.group(1))
+    return found
 
 
 def prepare_quantized(model: Any, gradient_checkpointing: bool) -> Any:
@@ -766,7 +811,8 @@ def write_model_card(path: Path, stage: str, recipe: TrainRecipe, resolved: Reso
         "```",
         "",
         f"LoRA: r={recipe.lora.r}, alpha={recipe.lora.lora_alpha}, dropout={recipe.lora.dropout}, "
-        f"targets={recipe.lora.target_modules}.",
+        f"targets={recipe.lora.target_modules or 'none'}"
+        + (f", trained whole: {','.join(recipe.lora.modules_to_save)}." if recipe.lora.modules_to_save else "."),
         "",
         "| metric | value |",
         "| --- | --- |",
@@ -816,7 +862,19 @@ def trained_adapter(model: Any) -> dict[str, Any]:
         return {}
     return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
             "target_modules": module_names(config.target_modules),
-            "use_rslora": config.use_rslora, "use_dora": config.use_dora}
+            "modules_to_save": sorted(config.modules_to_save or []),
+            "use_rslora": config.use_rslora, "use_dora": config.use_dora,
+            "trained_parameters": trained_parameters(model)}
+
+
+def trained_parameters(model: Any) -> dict[str, int]:
+    """Trainable parameters by kind: LoRA matrices, and the whole modules trained beside them (modules_to_save)."""
+    counts = {"lora": 0, "modules_to_save": 0, "other": 0}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            kind = "modules_to_save" if ".modules_to_save." in name else "lora" if ".lora_" in name else "other"
+            counts[kind] += param.numel()
+    return counts
 
 
 def finish_training(
