@@ -36,6 +36,9 @@ def estimate(model: str, budget: str | None = None, dtype: str = "auto", device:
 @click.option("--quantize", type=click.Choice(["none", "8bit", "4bit"]), default="none", show_default=True)
 @recipe_option("lora.r", "--lora-r", type=int)
 @recipe_option("lora.target_modules", "--lora-targets", help="all-linear, or comma-separated module names (q_proj,v_proj).")
+@click.option("--modules-to-save", default="",
+               help="Comma-separated modules trained whole (e.g. gate: a mixture's routers; with --lora-targets '' "
+                    "nothing else).")
 @recipe_option("lora.dropout", "--lora-dropout", type=float,
                help="LoRA dropout (planned as 0 for the preference stages, whose TRL configs' disable_dropout zeroes it).")
 @click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA.")
@@ -61,7 +64,8 @@ def estimate(model: str, budget: str | None = None, dtype: str = "auto", device:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @debug_option
 @handle_errors
-def estimate_command(model: str, quantize: str, lora_r: int, lora_targets: str, lora_dropout: float, full: bool,
+def estimate_command(model: str, quantize: str, lora_r: int, lora_targets: str, modules_to_save: str,
+                     lora_dropout: float, full: bool,
                      optim: str, batch_size: int, max_length: int, grad_accum: int, gradient_checkpointing: bool,
                      attn: str, loss_head: str, stage: str, ref: str, num_processes: int, zero: str, dtype: str,
                      device: str, budget: str | None, as_json: bool, debug: bool) -> None:
@@ -74,6 +78,7 @@ def estimate_command(model: str, quantize: str, lora_r: int, lora_targets: str, 
     plan = estimate(
         model, budget, dtype, device, stage=stage, quantize=None if quantize == "none" else quantize,
         lora_r=None if full else lora_r, lora_targets=targets, lora_dropout=lora_dropout, optim=optim,
+        modules_to_save=tuple(m.strip() for m in modules_to_save.split(",") if m.strip()),
         batch_size=batch_size, max_length=max_length, grad_accum=grad_accum,
         gradient_checkpointing=gradient_checkpointing, attn=attn, ref=ref, num_processes=num_processes,
         zero=int(zero), chunked_loss=loss_head == "chunked",

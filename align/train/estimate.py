@@ -94,6 +94,12 @@ class ModelShape:
     """The linear modules inside the decoder layers (what LoRA targets and bitsandbytes quantizes)."""
     stored_dtype: str = "float32"
     """The checkpoint's dtype as its config declares it."""
+    experts_per_token: int = 1
+    """A mixture's experts per token (Mixtral's num_experts_per_tok): each token runs that many expert MLPs. Its
+    experts are fused 3D parameters and its routers bare weights, so both count in `other_params`, not as linears."""
+    module_params: tuple[tuple[str, int], ...] = ()
+    """Parameters per module name (in-layer suffix such as `mlp.gate`, or top-level path), summed over layers:
+    what lora.modules_to_save trains whole."""
 
     @property
     def layer_linear_params(self) -> int:
@@ -122,9 +128,14 @@ def shape_from_model(model: Any, config: Any) -> ModelShape:
     import torch
 
     groups: dict[str, list[int]] = {}
+    modules: dict[str, int] = {}
     embedding = lm_head = 0
     output = model.get_output_embeddings()
     for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters())
+        if name and own:
+            key = _layer_suffix(name) or name
+            modules[key] = modules.get(key, 0) + own
         if module is output:
             continue
         if isinstance(module, torch.nn.Linear):
@@ -155,6 +166,8 @@ def shape_from_model(model: Any, config: Any) -> ModelShape:
         lm_head_params=lm_head,
         layer_linears=tuple(LinearGroup(k, v[0], v[1], v[2]) for k, v in groups.items()),
         stored_dtype=_stored_dtype(config),
+        experts_per_token=int(getattr(text, "num_experts_per_tok", None) or 1),
+        module_params=tuple(modules.items()),
     )
 
 
@@ -214,6 +227,9 @@ class TrainSetup:
     lora_r: int | None = 16
     """None: full fine-tuning."""
     lora_targets: str | tuple[str, ...] = "all-linear"
+    """Empty: no LoRA matrices (only `modules_to_save` train)."""
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained whole (PEFT keeps the frozen original beside the trainable copy)."""
     lora_dropout: float = 0.05
     optim: str = "adamw_torch"
     batch_size: int = 1
@@ -315,6 +331,8 @@ def lora_groups(shape: ModelShape, targets: str | tuple[str, ...] | list[str]) -
     is a regex over the full name (here: over the in-layer part)."""
     if targets == "all-linear":
         return list(shape.layer_linears)
+    if not targets:
+        return []
     if isinstance(targets, str):
         return [g for g in shape.layer_linears if re.fullmatch(targets, g.name) or re.search(targets + "$", g.name)]
     wanted = set(targets)
@@ -343,7 +361,19 @@ def weight_bytes(shape: ModelShape, setup: TrainSetup) -> tuple[int, str]:
 
 
 def trainable_params(shape: ModelShape, setup: TrainSetup) -> int:
-    return shape.total_params if setup.full else lora_params(shape, setup.lora_r or 0, setup.lora_targets)
+    if setup.full:
+        return shape.total_params
+    return lora_params(shape, setup.lora_r or 0, setup.lora_targets) + saved_module_params(shape, setup)
+
+
+def saved_module_params(shape: ModelShape, setup: TrainSetup) -> int:
+    """Parameters of the modules trained whole, matched as PEFT matches modules_to_save (a path ending with the
+    name); a name matching nested modules counts the outermost only."""
+    if setup.full or not setup.modules_to_save:
+        return 0
+    matched = [name for name, _ in shape.module_params if any(name.endswith(e) for e in setup.modules_to_save)]
+    outer = [n for n in matched if not any(n != m and n.startswith(m + ".") for m in matched)]
+    return sum(count for name, count in shape.module_params if name in outer)
 
 
 def trainable_bytes_per_param(setup: TrainSetup) -> int:
@@ -383,7 +413,10 @@ def optimizer_step_temporaries(setup: TrainSetup, shape: ModelShape, trainable: 
     if setup.full:
         largest = max([shape.vocab * shape.hidden] + [g.in_features * g.out_features for g in shape.layer_linears])
     else:
-        largest = max((g.in_features + g.out_features) * (setup.lora_r or 0) for g in lora_groups(shape, setup.lora_targets))
+        largest = max([(g.in_features + g.out_features) * (setup.lora_r or 0)
+                       for g in lora_groups(shape, setup.lora_targets)]
+                      + [saved_module_params(shape, replace(setup, modules_to_save=(e,))) // max(shape.layers, 1)
+                         for e in setup.modules_to_save])
     return 2 * largest * param_bytes
 
 
@@ -416,7 +449,8 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainSetup, sequences: int 
     if casts_from_fp32:
         norm_fed = [g for g in shape.layer_linears if g.in_features == h and not _is_output_projection(g.name)]
         per_token += sum(a * g.in_features for g in norm_fed)
-    per_token += 3 * a * hq + 3 * a * hk + a * hk + 2 * a * hq + 4 * a * i + 4 * shape.heads
+    # a mixture runs `experts_per_token` expert MLPs per token
+    per_token += 3 * a * hq + 3 * a * hk + a * hk + 2 * a * hq + 4 * a * i * shape.experts_per_token + 4 * shape.heads
     if not setup.full:
         for group in lora_groups(shape, setup.lora_targets):
             dropout = setup.active_lora_dropout > 0
@@ -450,7 +484,7 @@ def cuda_layer_activation_bytes(shape: ModelShape, setup: TrainSetup, sequences:
     h, i = shape.hidden, shape.intermediate
     hq, hk = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     seq, n = setup.max_length, (sequences or setup.sequences)
-    per_token = 2 * 4 * h + a * (2 * hq + 2 * hk) + 4 * shape.heads + 3 * a * i
+    per_token = 2 * 4 * h + a * (2 * hq + 2 * hk) + 4 * shape.heads + 3 * a * i * shape.experts_per_token
     if not setup.full:
         dropout = setup.active_lora_dropout > 0
         recast = trainable_bytes_per_param(setup) != a
@@ -563,7 +597,7 @@ class Plan:
         return {
             "model": self.model,
             "setup": asdict(self.setup),
-            "shape": {k: v for k, v in asdict(self.shape).items() if k != "layer_linears"},
+            "shape": {k: v for k, v in asdict(self.shape).items() if k not in ("layer_linears", "module_params")},
             "trainable_params": self.trainable_params,
             "terms": [asdict(t) for t in self.terms],
             "phases": {p: self.phase_total(p) for p in ("load", "forward_backward", "optimizer_step")},
@@ -584,7 +618,10 @@ def plan_memory(shape: ModelShape, setup: TrainSetup, model: str = "", budget: i
     weights = sharded(weights, setup, 3)
     terms = [Term("weights", weights, "persistent", weights_how)]
     if not setup.full:
-        terms.append(Term("adapter", trainable * tb, "persistent", f"{trainable:,} LoRA params x {tb} B"))
+        saved = saved_module_params(shape, setup)
+        terms.append(Term("adapter", trainable * tb, "persistent",
+                          f"{trainable - saved:,} LoRA params" + (f" + {saved:,} in modules_to_save" if saved else "")
+                          + f" x {tb} B"))
     opt_per = optimizer_bytes_per_param(setup.optim, tb) or 0.0
     terms.append(Term("optimizer states", sharded(math.ceil(trainable * opt_per), setup, 2), "persistent",
                       f"{trainable:,} x {opt_per:g} B ({setup.optim})"))
@@ -706,6 +743,7 @@ def setup_from_recipe(recipe: Any, stage: Stage, ref: str | None = None, device:
         quantize=recipe.model.quantize,
         lora_r=None if full else recipe.lora.r,
         lora_targets=targets if isinstance(targets, str) else tuple(targets),
+        modules_to_save=tuple(recipe.lora.modules_to_save or ()),
         lora_dropout=recipe.lora.dropout,
         optim=str(train["optim"]),
         batch_size=int(train["per_device_train_batch_size"]),
