@@ -908,7 +908,9 @@ def human(n: int | float) -> str:
 
 def format_plan(plan: Plan) -> str:
     s, shape = plan.setup, plan.shape
-    method = "full fine-tuning" if s.full else f"LoRA r={s.lora_r}" + (f" on a {s.quantize} base" if s.quantize else "")
+    method = "full fine-tuning" if s.full else (f"LoRA r={s.lora_r}" if s.lora_targets else "no LoRA") + (
+        f", whole {','.join(s.modules_to_save)}" if s.modules_to_save else "") + (
+        f" on a {s.quantize} base" if s.quantize else "")
     precision = f"{s.weights_dtype} weights" + (" + bf16 autocast" if s.autocast else "")
     lines = [
         f"plan: {plan.model or shape.model_type} ({shape.total_params / 1e6:,.1f}M params, {shape.layers} layers)"
