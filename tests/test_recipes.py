@@ -85,7 +85,7 @@ SHORT = {
                   "pairs.max_new_tokens=12", "pairs.temperature=2.0", "dpo.train.max_steps=2", "merged.t=[0.5, 1.0]",
                   "merged.select.limit=1", "eval.limit=1", "eval.suites=[pig-latin, prefs]"],
     "two-skills": ["pig.train.max_steps=2", "pig.data.limit=16", "reverse.train.max_steps=2", "reverse.data.limit=16",
-                   "eval.limit=1"],
+                   "moe-healed.train.max_steps=2", "moe-healed.data.limit=16", "eval.limit=1"],
     "depth-upscale": ["healed.train.max_steps=2", "healed.data.limit=16", "eval.limit=1"],
 }
 
