@@ -178,3 +178,11 @@ def test_estimate_counts_a_built_mixture_exactly_and_plans_the_router_heal(heale
     setup = plan.setup
     mlp = 4 * 4 * shape.intermediate * setup.tokens  # 4 saved fp32 MLP tensors per routed expert per token
     assert layer_activation_bytes(shape, setup) - layer_activation_bytes(one, setup) == mlp
+
+
+def test_a_lora_section_without_modules_to_save_dumps_as_before():
+    """Stage fingerprints hash the dumped recipe: the new field, unset, must not make `align run` redo earlier runs."""
+    from align.core.config import LoraSpec
+
+    assert "modules_to_save" not in LoraSpec().model_dump(mode="json")
+    assert LoraSpec(modules_to_save=["gate"]).model_dump()["modules_to_save"] == ["gate"]

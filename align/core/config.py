@@ -168,7 +168,8 @@ class LoraSpec(Section):
     """Comma-separated module names, or all-linear; empty ('' or []) for no LoRA matrices at all, when
     modules_to_save names what is trained (a mixture's router alone: `--target-modules '' --modules-to-save
     gate`)."""
-    modules_to_save: Annotated[list[str] | None, Flag("--modules-to-save", comma_list=True, unset="none")] = None
+    modules_to_save: Annotated[list[str] | None, Flag("--modules-to-save", comma_list=True, unset="none"),
+                               Field(exclude_if=lambda v: v is None)] = None
     """Comma-separated module names trained whole and saved in the adapter (PEFT's modules_to_save), e.g. gate
     (a Mixtral's routers)."""
     rslora: Annotated[bool, Flag("--rslora")] = False
