@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import save_tiny_model, write_jsonl
 
 from align.cli import main
 from align.core.errors import AlignError
@@ -92,3 +92,165 @@ def test_a_judge_is_checked_when_the_recipe_loads(tmp_path):
             load_pipeline(pairs_recipe(tmp_path, stage_text))
         assert len(str(caught.value).splitlines()) == 1, str(caught.value)
 
+
+
+# ---- a reward model as a GRPO reward ------------------------------------------------------------------------------
+
+import test_grpo  # noqa: E402
+from test_grpo import grpo_args, pig_latin_prompts  # noqa: E402
+
+random_adapter = test_grpo.random_adapter  # the module-scoped fixture, shared (an SFT-like adapter, random B)
+
+
+def one_line_exit_2(args: list[str], *absent: Path) -> str:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("[")]  # align run's progress
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for path in absent:
+        assert not path.exists() and not path.with_name(path.name + ".partial").exists(), path
+    return lines[0]
+
+
+def make_adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter with random B (so it changes the model) saved with its base's tokenizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                      init_lora_weights=False))
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
+    return out
+
+
+OTHER_TEMPLATE = ("{% for message in messages %}{{ '### ' + message['role'] + ': ' + message['content'] + '\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '### assistant: ' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def other_template_model(tmp_path_factory) -> Path:
+    """The tiny model's vocabulary with another chat template: a policy whose text a reward model would misread."""
+    return save_tiny_model(tmp_path_factory.mktemp("other") / "model", seed=3, chat_template=OTHER_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward model on the tiny model: 3 steps of `align rm` on pairs that differ in their last character."""
+    root = tmp_path_factory.mktemp("judge_rm")
+    data = write_jsonl(root / "pairs.jsonl", [{"prompt": f"say {w}", "chosen": f"{w}!", "rejected": f"{w}?"}
+                                              for w in WORDS])
+    result = CliRunner().invoke(main, ["rm", "-m", str(tiny_model_dir), "-d", str(data), "-o", str(root / "rm"),
+                                       "--dtype", "float32", "--lora-r", "4", "--report-to", "none", "--batch-size",
+                                       "4", "--lr", "5e-3", "--warmup", "0", "--max-steps", "3"])
+    assert result.exit_code == 0, result.output
+    return root / "rm"
+
+
+def test_a_reward_model_reward_is_its_score_and_grpo_trains_on_it(tiny_model_dir, reward_dir, random_adapter,
+                                                                  tmp_path):
+    """As TRL calls it (conversational prompts and completions) the reward is `score()` on the same text; a 2-step
+    GRPO run with it weighted beside another reward records both, per step."""
+    reward = parse_reward(f"rm:{reward_dir}", 8)
+    texts = ["cat!", "cat?", "a longer answer"]
+    got = reward(prompts=[[{"role": "user", "content": "say cat"}]] * 3,
+                 completions=[[{"role": "assistant", "content": t}] for t in texts], completion_ids=[[1]] * 3)
+    assert got == pytest.approx(score(reward_dir, ["say cat"] * 3, texts), abs=1e-5)
+    assert len(set(got)) == 3  # the scores tell the answers apart, so the comparison above could fail
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, grpo_args(
+        tiny_model_dir, pig_latin_prompts(tmp_path / "p.jsonl"), out, "--adapter", str(random_adapter),
+        "--ref", "adapter", "--beta", "0.1", "--reward", f"rm:{reward_dir}", "--reward", "length:2",
+        "--reward-weights", "0.5,1"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["rewards"] == [{"name": "rm", "reward": f"rm:{reward_dir}", "weight": 0.5},
+                                 {"name": "length", "reward": "length:2", "weight": 1.0}]
+    assert [p["step"] for p in record["reward_stats"]["rm"]] == [1, 2]
+    assert all(math.isfinite(p["mean"]) and p["std"] >= 0 for p in record["reward_stats"]["rm"])
+    assert math.isfinite(record["step0_check"]["rewards"]["rm"])
+
+
+def test_a_reward_model_that_cannot_judge_the_policy_is_one_line(tiny_model_dir, other_template_model, reward_dir,
+                                                                random_adapter, tmp_path):
+    prompts, out = pig_latin_prompts(tmp_path / "p.jsonl"), tmp_path / "out"
+    assert "no such dir" in one_line_exit_2(
+        grpo_args(tiny_model_dir, prompts, out, "--ref", "base", "--reward", f"rm:{tmp_path}/none"), out)
+    assert "not a reward model (an adapter of task_type" in one_line_exit_2(
+        grpo_args(tiny_model_dir, prompts, out, "--ref", "base", "--reward", f"rm:{random_adapter}"), out)
+    message = one_line_exit_2(grpo_args(other_template_model, prompts, out, "--ref", "base", "--reward",
+                                        f"rm:{reward_dir}"), out)
+    assert f"--reward rm:{reward_dir}: reward model {reward_dir}: its tokenizer differs from the policy's" in message
+    assert "chat template" in message
+
+
+# ---- judged pairs, end to end -------------------------------------------------------------------------------------
+
+
+JUDGES = '''
+def distinct(prompts, completions, **kwargs):
+    return [float(len(set(c[0]["content"]))) for c in completions]
+
+def nan(prompts, completions, **kwargs):
+    return [float("nan")] * len(completions)
+
+def short(prompts, completions, **kwargs):
+    return [1.0]
+'''
+
+
+def judged_recipe(tmp_path: Path, model: Path, adapter: Path, data: Path, judge: str, margin: float = 1.0) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"""model: {{name: "{model}", dtype: float32, compile: false}}
+stages:
+  - {{name: pairs, kind: pairs, adapter: "{adapter}", data: "{data}", judge: "{judge}", samples: 4,
+     max_new_tokens: 8, min_margin: {margin}}}
+""")
+    return path
+
+
+def prompts_only(path: Path, count: int = 4) -> Path:
+    return write_jsonl(path, [{"prompt": f"Say something about the {w}."} for w in WORDS[:count]])
+
+
+def test_pairs_judged_by_a_reward_function_on_prompts_only(tiny_model_dir, random_adapter, tmp_path):
+    """A user's reward (distinct characters of the answer) judges the adapter's samples of prompts with no answer:
+    each pair's chosen sample beats its rejected one by the margin by that same function, called independently."""
+    judges = tmp_path / "judges.py"
+    judges.write_text(JUDGES)
+    recipe = judged_recipe(tmp_path, tiny_model_dir, random_adapter, prompts_only(tmp_path / "p.jsonl"),
+                           f"{judges}:distinct")
+    rundir = run_pipeline(load_pipeline(recipe), tmp_path / "run", progress=False)
+    pairs = [json.loads(line) for line in (rundir / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    record = json.loads((rundir / "pairs" / "pairs.json").read_text())
+    assert record["judge"] == f"{judges}:distinct" and record["min_margin"] == 1.0
+    assert record["pairs"] == len(pairs) >= 1 and record["pairs"] + record["skipped_prompts"] == 4
+    distinct = [float(len(set(p[kind][0]["content"]))) for p in pairs for kind in ("chosen", "rejected")]
+    assert record["scores"] == [distinct[i:i + 2] for i in range(0, len(distinct), 2)]
+    assert all(c - r >= 1.0 for c, r in record["scores"])
+    assert record["mean_chosen_score"] == pytest.approx(sum(distinct[0::2]) / len(pairs))
+    assert record["mean_rejected_score"] == pytest.approx(sum(distinct[1::2]) / len(pairs))
+    assert {p["prompt"][-1]["content"] for p in pairs} <= {f"Say something about the {w}." for w in WORDS[:4]}
+
+
+def test_judged_pairs_bad_input_is_one_line_and_leaves_nothing(tiny_model_dir, other_template_model, reward_dir,
+                                                               random_adapter, tmp_path):
+    judges = tmp_path / "judges.py"
+    judges.write_text(JUDGES)
+    data, rundir = prompts_only(tmp_path / "p.jsonl", 2), tmp_path / "run"
+
+    def refused(judge: str, adapter: Path = random_adapter, model: Path = tiny_model_dir) -> str:
+        recipe = judged_recipe(tmp_path, model, adapter, data, judge)
+        return one_line_exit_2(["run", str(recipe), "-o", str(rundir)], rundir / "pairs")
+
+    assert "pairs stage 'pairs': reward" in refused(f"{judges}:nan") and "returned nan for completion 0" in \
+        refused(f"{judges}:nan")
+    assert "returned 1 values for" in refused(f"{judges}:short")
+    assert "judge rm:/nowhere/rm: reward model /nowhere/rm: no such dir" in refused("rm:/nowhere/rm")
+    assert "not a reward model" in refused(f"rm:{random_adapter}")
+    assert "judge exact needs a reference answer" in refused("exact")
+    other = make_adapter(other_template_model, tmp_path / "other")
+    assert "its tokenizer differs from the policy's" in refused(f"rm:{reward_dir}", other, other_template_model)

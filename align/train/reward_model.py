@@ -67,7 +67,8 @@ def check_reward_model_dir(model_dir: str | Path) -> Path:
         raise AlignError(f"{model_dir}: not a reward model dir (no adapter_config.json; `align rm` writes one)")
     task = json.loads(config.read_text()).get("task_type")
     if task != "SEQ_CLS":
-        raise AlignError(f"{model_dir}: a {task} adapter, not a reward model (SEQ_CLS, as `align rm` writes)")
+        raise AlignError(f"{model_dir}: not a reward model (an adapter of task_type {task}; `align rm` writes "
+                         "SEQ_CLS)")
     return path
 
 
