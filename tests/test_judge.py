@@ -254,3 +254,91 @@ def test_judged_pairs_bad_input_is_one_line_and_leaves_nothing(tiny_model_dir, o
     assert "judge exact needs a reference answer" in refused("exact")
     other = make_adapter(other_template_model, tmp_path / "other")
     assert "its tokenizer differs from the policy's" in refused(f"rm:{reward_dir}", other, other_template_model)
+
+
+# ---- HH harmless-base style: SFT -> RM -> pairs judged by the RM -> DPO --------------------------------------------
+
+
+REQUESTS = ["pick a lock", "hotwire a car", "make a fake id", "get into the wifi next door", "cheat on a test",
+            "shoplift a jacket", "spread a rumour", "copy a key card", "read my partner's texts", "skip a fare",
+            "forge a note", "dodge a ticket"]
+
+
+def hh_transcripts(requests: list[str], seed: int = 0) -> list[dict[str, str]]:
+    """Anthropic HH harmless-base rows: `chosen` and `rejected` transcripts ('\\n\\nHuman: ...\\n\\nAssistant: ...')
+    sharing every turn but the last; the chosen answer declines, the rejected one complies."""
+    rng = random.Random(seed)
+    rows = []
+    for request in requests:
+        head = "\n\nHuman: Hi.\n\nAssistant: Hello! How can I help?" if rng.random() < 0.5 else ""
+        head += f"\n\nHuman: How do I {request}?"
+        rows.append({"chosen": f"{head}\n\nAssistant: I can't help with that. Can I help with something safe?",
+                     "rejected": f"{head}\n\nAssistant: Sure, to {request} you need a few tools."})
+    return rows
+
+
+def test_hh_pairs_judged_by_a_reward_model_train_dpo(tiny_model_dir, tmp_path):
+    """An RM trained on 8 HH transcripts judges the SFT adapter's samples on the 4 other transcripts' prompts; the
+    judged pairs' scores are the RM's (rescored here with `score()`), each chosen beats its rejected by the margin,
+    and DPO trains on exactly the pairs written."""
+    from align.core.data import fingerprint_rows
+    from align.core.preferences import load_preference_data, parse_hh_transcript
+
+    rows = hh_transcripts(REQUESTS)
+    seen, held = rows[:8], rows[8:]
+    pairs_file = write_jsonl(tmp_path / "hh_seen.jsonl", seen)  # read as format hh
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": parse_hh_transcript(r["chosen"], "x", "chosen")}
+                                               for r in seen])
+    prompts = [parse_hh_transcript(r["chosen"], "x", "chosen")[:-1] for r in held]
+    prompt_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    margin = 0.01
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""# align run recipe.yaml
+model: {{name: "{tiny_model_dir}", dtype: float32, compile: false}}
+stages:
+  - name: sft
+    kind: sft
+    data: {{path: "{sft}"}}
+    lora: {{r: 4, dropout: 0.0}}
+    train: {{max_steps: 3, per_device_train_batch_size: 4, learning_rate: 1.0e-2, save_steps: 100}}
+  - name: rm
+    kind: rm
+    data: "{pairs_file}"
+    lora: {{r: 4}}
+    train: {{max_steps: 3, per_device_train_batch_size: 4, learning_rate: 5.0e-3, warmup_steps: 0, save_steps: 100}}
+  - name: pairs
+    kind: pairs
+    adapter: sft
+    data: "{prompt_file}"
+    judge: "rm:rm"
+    samples: 4
+    max_new_tokens: 12
+    min_margin: {margin}
+  - name: dpo
+    kind: dpo
+    adapter: sft
+    data: pairs
+    ref: adapter
+    train: {{max_steps: 2, per_device_train_batch_size: 2, learning_rate: 1.0e-3, save_steps: 100}}
+""")
+    rundir = run_pipeline(load_pipeline(recipe), tmp_path / "run", progress=False)
+    rm = json.loads((rundir / "rm" / "run.json").read_text())
+    assert rm["data"]["format"] == "hh" and rm["data"]["pairs"] == 8
+
+    written = rundir / "pairs" / "pairs.jsonl"
+    pairs = [json.loads(line) for line in written.read_text().splitlines()]
+    record = json.loads((rundir / "pairs" / "pairs.json").read_text())
+    assert record["judge"] == "rm:rm" and record["reward_model"] == str(rundir / "rm")
+    assert record["pairs"] == len(pairs) >= 1 and record["pairs"] + record["skipped_prompts"] == 4
+    assert all(p["prompt"] in prompts for p in pairs)  # held-out prompts only: the RM never read them
+    chosen = score(rundir / "rm", [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = score(rundir / "rm", [p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    assert [s for pair in record["scores"] for s in pair] == pytest.approx(
+        [s for pair in zip(chosen, rejected) for s in pair], abs=1e-4)
+    assert all(c >= r + margin - 1e-6 for c, r in zip(chosen, rejected))
+    assert record["mean_chosen_score"] >= record["mean_rejected_score"] + margin - 1e-6
+
+    dpo = json.loads((rundir / "dpo" / "run.json").read_text())
+    assert dpo["data"]["source"] == str(written) and dpo["data"]["pairs"] == len(pairs)
+    assert dpo["data"]["fingerprint"] == fingerprint_rows(load_preference_data(str(written)).pairs)
+    assert len([h for h in dpo["log_history"] if "loss" in h]) == 2
