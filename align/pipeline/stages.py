@@ -88,7 +88,7 @@ class PairsStage(StageSpec):
         try:  # rewards are checked (a user's file imported) as the recipe loads, not after sampling
             parse_reward(value, 1)
         except AlignError as exc:
-            raise ValueError(f"judge: {str(exc).removeprefix('--reward ')}; or rule, rm:DIR") from None
+            raise ValueError(f"judge {str(exc).removeprefix('--reward ')} (or rule)") from None
         return value
 
     def reward_model(self) -> str | None:
