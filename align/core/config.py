@@ -491,7 +491,8 @@ class GRPORecipe(ReferenceRecipe):
         "pig-latin"]
     """A reward function, repeatable: pig-latin (word accuracy by the house rule), exact (equals the reference
     answer), regex:PATTERN (1 when the whole completion matches), length[:N] (minus the share of
-    max_completion_length spent beyond N tokens), or FILE.py:FUNCTION (TRL's reward-function signature)."""
+    max_completion_length spent beyond N tokens), FILE.py:FUNCTION (TRL's reward-function signature), or rm:DIR
+    (the score of a reward model `align rm` trained, on the policy's tokenizer)."""
 
 
 class ORPOTrainSettings(TrainSettings):

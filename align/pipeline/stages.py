@@ -50,19 +50,50 @@ PIPELINE_OWNED = ("output", "resume", "overwrite", "force")
 
 
 class PairsStage(StageSpec):
-    """On-policy preference pairs: sample the adapter on training prompts, keep wrong answers as `rejected`
-    against the reference answer as `chosen` (for tasks whose answers can be checked by exact match)."""
+    """On-policy preference pairs: sample the adapter `samples` times on each prompt and judge the samples. The rule
+    judge keeps wrong answers as `rejected` against the reference answer as `chosen` (tasks whose answers can be
+    checked by exact match); a scoring judge (a reward model or a reward function) pairs each prompt's best sample,
+    as `chosen`, against its worst, so the data needs no reference answer."""
 
     kind: Literal["pairs"]
     adapter: str
     data: str = "builtin:pig-latin"
-    """Conversations whose last assistant message is the reference answer."""
+    """Judge rule: conversations whose last assistant message is the reference answer. A scoring judge: prompts
+    (rows with a `prompt` column, or conversations, whose last assistant message is then the answer `exact` reads)."""
     split: str | None = None
     limit: int = Field(default=256, gt=0)
     samples: int = Field(default=4, gt=0)
     temperature: float = Field(default=1.0, gt=0)
     max_new_tokens: int = Field(default=64, gt=0)
     seed: int = 0
+    judge: str = "rule"
+    """rule (a sample equal to the reference answer is right), rm:DIR or rm:STAGE (a reward model's score: an `align
+    rm` dir or an earlier rm stage, on the adapter's tokenizer), or a reward as `align grpo --reward` takes it
+    (pig-latin, exact, regex:PATTERN, length[:N], FILE.py:FUNCTION)."""
+    min_margin: float = Field(default=0.1, gt=0)
+    """A scoring judge's least score difference between a prompt's best and worst sample; a prompt whose samples
+    differ by less gives no pair (skipped and counted). A tenth of the [0, 1] range of the built-in rewards; for a
+    reward model, sigmoid(margin) is the Bradley-Terry probability that the chosen sample is preferred (0.52 at
+    0.1), so a stricter judge takes a larger margin."""
+
+    @field_validator("judge")
+    @classmethod
+    def _known_judge(cls, value: str) -> str:
+        if value == "rule" or value.startswith("rm:"):
+            if value == "rm:":
+                raise ValueError("judge rm: names no reward model (rm:DIR or rm:STAGE)")
+            return value
+        from align.train.rewards import parse_reward
+
+        try:  # rewards are checked (a user's file imported) as the recipe loads, not after sampling
+            parse_reward(value, 1)
+        except AlignError as exc:
+            raise ValueError(f"judge {str(exc).removeprefix('--reward ')} (or rule)") from None
+        return value
+
+    def reward_model(self) -> str | None:
+        """The reward model a judge `rm:X` names (a stage or a dir), else None."""
+        return self.judge.removeprefix("rm:") if self.judge.startswith("rm:") else None
 
 
 class PreferenceStage(TrainStage):
@@ -273,6 +304,16 @@ class PipelineRecipe(Section):
             seen.add(stage.name)
         return self
 
+    @model_validator(mode="after")
+    def _judges_are_reward_models(self) -> PipelineRecipe:
+        kinds = {stage.name: stage.kind for stage in self.stages}
+        for stage in self.stages:
+            target = stage.reward_model() if isinstance(stage, PairsStage) else None
+            if target in kinds and kinds[target] != "rm":
+                raise ValueError(f"stage '{stage.name}': judge rm:{target} names a {kinds[target]} stage, not a reward "
+                                 "model (an rm stage)")
+        return self
+
 
 def stage_refs(stage: Any) -> list[str]:
     """Names a stage reads from (earlier stages or 'base'), for validation, fingerprints and wiring.
@@ -282,7 +323,7 @@ def stage_refs(stage: Any) -> list[str]:
 
 def _referenced(stage: Any) -> list[str]:
     if isinstance(stage, PairsStage):
-        return [stage.adapter]
+        return [stage.adapter, *([stage.reward_model()] if stage.reward_model() else [])]
     if isinstance(stage, TrainStage):
         data = [stage.data.path] if isinstance(stage, PreferenceStage) else []
         return [r for r in (stage.model, getattr(stage, "adapter", None), *data) if r]

@@ -36,13 +36,13 @@ from align.core.data import (
     normalize_sft_row, read_rows, text_field,
 )
 from align.core.errors import AlignError
-from align.core.models import ResolvedModel, load_tokenizer
+from align.core.models import ResolvedModel, load_tokenizer, tokenizer_source
 from align.core.reference import parse_reference
 from align.train.preference import load_policy, resolve_policy
 from align.train.reference import (
     STEP0_TOLERANCE, ReferencePlan, plan_reference, raise_settings_error,
 )
-from align.train.rewards import CheckedReward, completion_text, parse_rewards
+from align.train.rewards import CheckedReward, check_reward_tokenizers, completion_text, parse_rewards
 from align.train.training import (
     check_run_inputs, continued_lora, estimated_steps, final_metrics, finish_training, finished_run, log_series,
     plan_machine, progress_callback, quiet_trainer, run_config, run_record, train, trainer_arguments, training_run,
@@ -102,14 +102,22 @@ def prepare_prompt_data(recipe: GRPORecipe) -> PromptSplits:
     if spec.eval_path or spec.eval_size:
         raise AlignError("align grpo has no eval set yet (its eval would sample completions): drop --eval-data and "
                          "--eval-size, and score the adapter with align eval")
-    rows: Rows = read_rows(spec.path, spec.split, spec.limit, spec.config)
+    return read_prompts(spec.path, spec.split, spec.limit, spec.config, spec.format, spec.answer_column,
+                        spec.skip_invalid)
+
+
+def read_prompts(source: str, split: str | None = None, limit: int | None = None, config: str | None = None,
+                 fmt: str | None = None, answer_column: str | None = None, skip_invalid: bool = False) -> PromptSplits:
+    """Prompt rows ({prompt: messages, answer: str or None}) from any source `prompt_row` reads: for GRPO, and for
+    the pipeline's pairs stage with a scoring judge."""
+    rows: Rows = read_rows(source, split, limit, config)
     examples, fmt = normalize_rows(
-        rows, spec.format, lambda row, chosen, where: prompt_row(row, chosen, where, spec.answer_column),
-        detect_prompt_format, PROMPT_FORMATS, spec.skip_invalid)
+        rows, fmt, lambda row, chosen, where: prompt_row(row, chosen, where, answer_column),
+        detect_prompt_format, PROMPT_FORMATS, skip_invalid)
     if rows.skipped:
         logging.getLogger(__name__).warning("skipped %d invalid rows (first: %s)", rows.skipped, rows.problems[0])
     with_answer = sum(1 for e in examples if e["answer"] is not None)
-    record = {"source": spec.path, "format": fmt, "rows": len(rows), "prompts": len(examples),
+    record = {"source": source, "format": fmt, "rows": len(rows), "prompts": len(examples),
               "with_answer": with_answer, "skipped_invalid": rows.skipped, "fingerprint": fingerprint_rows(examples)}
     return PromptSplits(examples, record, rows.kept)
 
@@ -299,6 +307,7 @@ def run_grpo(recipe: GRPORecipe, progress: bool = True) -> Path:
         policy, reference = plan_grpo_reference(recipe, float(settings["beta"]))
         recipe = continued_lora(recipe, policy.adapter)
         tokenizer = load_tokenizer(policy, recipe.model.chat_template)
+    check_reward_tokenizers(rewards, tokenizer, tokenizer_source(policy))
     with timer.phase("data"):
         data = prepare_prompt_data(recipe)
     check_rewards_apply(rewards, data)

@@ -107,9 +107,9 @@ METHODS: dict[str, TrainingMethod] = {m.name: m for m in (
         # no-grad forward (a second pass over the batch, not a second copy of the weights).
         sequences_per_row=1,
         summary="GRPO: online RL from reward functions over TRL's GRPOTrainer. For each prompt a group of "
-                "completions is sampled and scored (--reward: pig-latin, exact, regex:PATTERN, length[:N] or "
-                "FILE.py:FUNCTION, weighted by --reward-weights), with a KL to the frozen SFT adapter or the base "
-                "(--ref adapter|base; --beta 0: none) and a step-0 check; `train` takes any GRPOConfig field."),
+                "completions is sampled and scored (--reward: pig-latin, exact, regex:PATTERN, length[:N], "
+                "FILE.py:FUNCTION or rm:DIR, weighted by --reward-weights), with a KL to the frozen SFT adapter or the "
+                "base (--ref adapter|base; --beta 0: none) and a step-0 check; `train` takes any GRPOConfig field."),
     TrainingMethod(
         name="rm", recipe=RMRecipe, trl_config="trl:RewardConfig", runner="align.train.rm:run_rm", data="pairs",
         reference=False, sequences_per_row=2, disables_dropout=True,  # chosen and rejected in one batch

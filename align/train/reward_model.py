@@ -56,33 +56,85 @@ def score_ids(model: Any, sequences: Sequence[Sequence[int]], pad_token_id: int,
     return scores
 
 
-def load_reward_model(model_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer) of an `align rm` output dir: its base as a one-output sequence classifier with the adapter
-    and score head on top, and the tokenizer saved beside them."""
-    from align.core.models import LoadOptions, load_model, load_tokenizer, resolve_model
-
+def check_reward_model_dir(model_dir: str | Path) -> Path:
+    """The dir of a reward model as `align rm` writes it (a PEFT SEQ_CLS adapter), or one line saying what it is not.
+    Reads one small file, so a judge or a GRPO reward refuses a wrong dir before any model loads."""
     path = Path(model_dir)
+    if not path.is_dir():
+        raise AlignError(f"reward model {model_dir}: no such dir (an `align rm` output dir, or a pipeline rm stage)")
     config = path / "adapter_config.json"
     if not config.is_file():
         raise AlignError(f"{model_dir}: not a reward model dir (no adapter_config.json; `align rm` writes one)")
     task = json.loads(config.read_text()).get("task_type")
     if task != "SEQ_CLS":
-        raise AlignError(f"{model_dir}: a {task} adapter, not a reward model (SEQ_CLS, as `align rm` writes)")
-    resolved = resolve_model(str(path))
-    tokenizer = load_tokenizer(resolved)
+        raise AlignError(f"{model_dir}: not a reward model (an adapter of task_type {task}; `align rm` writes "
+                         "SEQ_CLS)")
+    return path
+
+
+def load_reward_model(model_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer) of an `align rm` output dir: its base as a one-output sequence classifier with the adapter
+    and score head on top, and the tokenizer saved beside them."""
+    from align.core.models import LoadOptions, load_model
+
+    resolved, tokenizer = reward_model_tokenizer(model_dir)
     model = load_model(resolved, LoadOptions(dtype), tokenizer, adapter="load", num_labels=1)
     return model, tokenizer
 
 
+def reward_model_tokenizer(model_dir: str | Path) -> tuple[Any, Any]:
+    """(resolved model, tokenizer) of a reward model dir, without loading its weights."""
+    from align.core.models import load_tokenizer, resolve_model
+
+    resolved = resolve_model(str(check_reward_model_dir(model_dir)))
+    return resolved, load_tokenizer(resolved)
+
+
+def check_same_tokenizer(model_dir: str | Path, reward_tokenizer: Any, policy_tokenizer: Any, policy: str) -> None:
+    """A reward model judges text a policy wrote in its own tokens and template: the two tokenizers must be the same
+    (`tokenizer_record`'s fingerprint), or the run stops with one line naming what differs."""
+    mine, theirs = tokenizer_record(reward_tokenizer, str(model_dir)), tokenizer_record(policy_tokenizer, policy)
+    if mine["fingerprint"] == theirs["fingerprint"]:
+        return
+    parts = {"vocab_size": "vocabulary size", "pad_token": "pad token", "eos_token": "EOS token",
+             "chat_template_sha256": "chat template"}
+    differs = [f"{label} {mine[key]!r} vs {theirs[key]!r}" if key != "chat_template_sha256" else label
+               for key, label in parts.items() if mine[key] != theirs[key]] or ["vocabulary or special tokens"]
+    raise AlignError(f"reward model {model_dir}: its tokenizer differs from the policy's ({policy}): "
+                     f"{', '.join(differs)} (train the reward model on the policy's base and tokenizer)")
+
+
+class RewardModel:
+    """A reward model dir as a scorer that loads its weights once, on first use: `rm(prompts, completions)` gives
+    one score per completion. The dir and its tokenizer are read when it is made, so a wrong dir fails first."""
+
+    def __init__(self, model_dir: str | Path, batch_size: int = 16) -> None:
+        self.model_dir = str(model_dir)
+        self.batch_size = batch_size
+        _, self.tokenizer = reward_model_tokenizer(model_dir)
+        self.model: Any = None
+
+    def check_tokenizer(self, policy_tokenizer: Any, policy: str) -> None:
+        check_same_tokenizer(self.model_dir, self.tokenizer, policy_tokenizer, policy)
+
+    def __call__(self, prompts: Sequence[str | Messages], completions: Sequence[str | Messages]) -> list[float]:
+        if len(prompts) != len(completions):
+            raise AlignError(f"score: {len(prompts)} prompts but {len(completions)} completions")
+        if self.model is None:
+            self.model, self.tokenizer = load_reward_model(self.model_dir)
+        ids = [conversation_ids(self.tokenizer, conversation(p, c)) for p, c in zip(prompts, completions)]
+        return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
+
+
 def score(model_dir: str | Path, prompts: Sequence[str | Messages], completions: Sequence[str | Messages],
-          batch_size: int = 16) -> list[float]:
+          batch_size: int = 16, policy_tokenizer: Any = None, policy: str = "the policy") -> list[float]:
     """One score per (prompt, completion): higher is preferred. Prompts and completions are text (one user turn,
-    one assistant turn) or message lists."""
-    if len(prompts) != len(completions):
-        raise AlignError(f"score: {len(prompts)} prompts but {len(completions)} completions")
-    model, tokenizer = load_reward_model(model_dir)
-    ids = [conversation_ids(tokenizer, conversation(p, c)) for p, c in zip(prompts, completions)]
-    return score_ids(model, ids, tokenizer.pad_token_id, batch_size)
+    one assistant turn) or message lists. With `policy_tokenizer`, a reward model whose tokenizer differs from it is
+    refused before its weights load."""
+    judge = RewardModel(model_dir, batch_size)
+    if policy_tokenizer is not None:
+        judge.check_tokenizer(policy_tokenizer, policy)
+    return judge(prompts, completions)
 
 
 def tokenizer_record(tokenizer: Any, source: str) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Each reward takes TRL's reward-function arguments (`prompts`, `completions`, `co
 columns as keyword arguments, here `answer`) and returns one float per completion, or None where it does not apply
 (TRL's convention). Completions arrive as text, or as a list of messages for conversational prompts.
 
-`--reward` spellings: `pig-latin`, `exact`, `regex:PATTERN`, `length[:N]`, `path/to/file.py:function`.
+`--reward` spellings: `pig-latin`, `exact`, `regex:PATTERN`, `length[:N]`, `path/to/file.py:function`, `rm:DIR` (a
+reward model `align rm` trained: align/train/reward_model.py).
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def pig_latin_reward(prompts: list[Any], completions: list[Any], **_: Any) -> li
     return rewards
 
 
+def check_reward_tokenizers(rewards: list[CheckedReward], tokenizer: Any, policy: str) -> None:
+    """Every reward model among the rewards must read the policy's tokenizer (refused in one line otherwise)."""
+    for reward in rewards:
+        check = getattr(reward.function, "check_tokenizer", None)
+        if check is not None:
+            try:
+                check(tokenizer, policy)
+            except AlignError as exc:
+                raise AlignError(f"--reward {reward.where}: {exc}") from None
+
+
 def exact_reward(completions: list[Any], answer: list[str | None] | None = None, **_: Any) -> list[float | None]:
     """1 when the completion equals the reference answer (surrounding whitespace aside), else 0; None without one."""
     answers = answer or [None] * len(completions)
@@ -90,7 +102,22 @@ def length_reward(free_tokens: int, max_completion_length: int) -> Callable[...,
     return reward
 
 
-BUILTIN_REWARDS = ("pig-latin", "exact", "regex", "length")
+def reward_model_reward(model_dir: str) -> Callable[..., list[float]]:
+    """The score of a reward model dir on each (prompt, completion), its weights loaded once on the first call. The
+    function carries `check_tokenizer(policy_tokenizer, policy)`: a judge must read the policy's tokens."""
+    from align.train.reward_model import RewardModel
+
+    judge = RewardModel(model_dir)
+
+    def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        """The reward model's score (higher is preferred)."""
+        return judge(prompts, completions)
+
+    reward.check_tokenizer = judge.check_tokenizer  # type: ignore[attr-defined]
+    return reward
+
+
+BUILTIN_REWARDS = ("pig-latin", "exact", "regex", "length", "rm")
 
 
 # ---- parsing --reward ----------------------------------------------------------------------------------------------
@@ -164,10 +191,15 @@ def parse_reward(spec: str, max_completion_length: int) -> CheckedReward:
         if sep and not arg.isdigit():
             raise AlignError(f"--reward {spec}: length:N takes a whole number of free tokens")
         return CheckedReward("length", length_reward(int(arg or 0), max_completion_length), spec)
+    if name == "rm" and arg:
+        try:
+            return CheckedReward("rm", reward_model_reward(arg), spec)
+        except AlignError as exc:
+            raise AlignError(f"--reward {spec}: {exc}") from None
     path, _, function = spec.rpartition(":")
     if path.endswith(".py") and function:
         return CheckedReward(function, load_user_reward(Path(path), function), spec)
-    known = ", ".join(("pig-latin", "exact", "regex:PATTERN", "length[:N]", "FILE.py:FUNCTION"))
+    known = ", ".join(("pig-latin", "exact", "regex:PATTERN", "length[:N]", "FILE.py:FUNCTION", "rm:DIR"))
     raise AlignError(f"--reward {spec}: unknown reward{did_you_mean(name, BUILTIN_REWARDS)} (rewards: {known})")
 
 
@@ -209,3 +241,14 @@ def parse_rewards(specs: list[str], weights: list[float] | None, max_completion_
         if seen[reward.__name__] > 1:
             reward.__name__ = f"{reward.__name__}_{seen[reward.__name__]}"
     return rewards
+
+
+def check_reward_tokenizers(rewards: list[CheckedReward], tokenizer: Any, policy: str) -> None:
+    """Every reward model among the rewards must read the policy's tokenizer (refused in one line otherwise)."""
+    for reward in rewards:
+        check = getattr(reward.function, "check_tokenizer", None)
+        if check is not None:
+            try:
+                check(tokenizer, policy)
+            except AlignError as exc:
+                raise AlignError(f"--reward {reward.where}: {exc}") from None
