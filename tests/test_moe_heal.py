@@ -186,3 +186,41 @@ def test_a_lora_section_without_modules_to_save_dumps_as_before():
 
     assert "modules_to_save" not in LoraSpec().model_dump(mode="json")
     assert LoraSpec(modules_to_save=["gate"]).model_dump()["modules_to_save"] == ["gate"]
+
+
+def test_routing_study_forces_and_records_the_gate_choice(tiny_model_dir, tiny_model_dir_b, tiny_base_model_dir,
+                                                           tmp_path):
+    """benchmarks/moe_routing.py's hook: forced to expert k, a top-1 mixture computes what the same mixture computes
+    with every expert replaced by expert k (where any routing picks k's weights); it records one choice per token and
+    layer, the router's own (before forcing)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import benchmark_script
+
+    study = benchmark_script("moe_routing")
+    moe = build_moe(tiny_model_dir, [tiny_model_dir_b, tiny_base_model_dir], tmp_path / "moe", per_token=1)
+    model = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32).eval()
+    ids = torch.arange(3, 15).unsqueeze(0)
+    with torch.no_grad():
+        free = model(input_ids=ids).logits
+        outputs = {}
+        for expert in (0, 1):
+            with study.recorded_and_forced(model, expert) as choices:
+                outputs[expert] = model(input_ids=ids).logits
+            assert len(choices) == model.config.num_hidden_layers
+            assert all(c.shape == (ids.shape[1],) for c in choices)
+        with study.recorded_and_forced(model, None) as choices:
+            assert torch.equal(model(input_ids=ids).logits, free)
+        router_choice = choices[0]
+        same = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32).eval()
+        for layer in same.model.layers:
+            for tensor in layer.mlp.experts.parameters():
+                tensor.copy_(tensor[1:2].expand_as(tensor))
+        assert torch.allclose(outputs[1], same(input_ids=ids).logits, atol=1e-5)
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)
+    first = model.model.layers[0]
+    hidden = model.model.embed_tokens(ids)
+    rotary = model.model.rotary_emb(hidden, torch.arange(ids.shape[1]).unsqueeze(0))
+    attended = first.self_attn(first.input_layernorm(hidden), position_embeddings=rotary, attention_mask=None)[0]
+    normed = first.post_attention_layernorm(attended + hidden)
+    assert torch.equal(router_choice, (normed[0] @ first.mlp.gate.weight.T).argmax(-1))
