@@ -68,17 +68,6 @@ def pig_latin_reward(prompts: list[Any], completions: list[Any], **_: Any) -> li
     return rewards
 
 
-def check_reward_tokenizers(rewards: list[CheckedReward], tokenizer: Any, policy: str) -> None:
-    """Every reward model among the rewards must read the policy's tokenizer (refused in one line otherwise)."""
-    for reward in rewards:
-        check = getattr(reward.function, "check_tokenizer", None)
-        if check is not None:
-            try:
-                check(tokenizer, policy)
-            except AlignError as exc:
-                raise AlignError(f"--reward {reward.where}: {exc}") from None
-
-
 def exact_reward(completions: list[Any], answer: list[str | None] | None = None, **_: Any) -> list[float | None]:
     """1 when the completion equals the reference answer (surrounding whitespace aside), else 0; None without one."""
     answers = answer or [None] * len(completions)
