@@ -28,8 +28,10 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # kernels (pulled in by transformers' bitsandbytes integration) warns at import that an offline hub skips its
+    # publisher check, which would put a line before a bad-input error
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch", "huggingface_hub", "mergekit",
-                 "bitsandbytes"):
+                 "bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
