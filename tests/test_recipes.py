@@ -39,7 +39,7 @@ def test_zero3_config_says_how_to_checkpoint_with_peft():
 
 
 PIPELINES = [RECIPES / f"{name}.yaml" for name in ("pig-latin", "two-skills", "depth-upscale", "zephyr-7b-qlora",
-                                                    "methods")]
+                                                    "methods", "pig-latin-grpo")]
 TRAINING = {"zephyr-7b-qlora-sft.yaml": "sft", "zephyr-7b-qlora-dpo.yaml": "dpo"}
 SUITES = sorted((RECIPES / "suites").glob("*.yaml"))
 
