@@ -165,7 +165,9 @@ def test_tied_embeddings_write_no_output_tensor_and_reload_tied(tmp_path, cache_
     source = save_bpe_model(tmp_path / "tied", tied=True)
     path = export_gguf(str(source), tmp_path / "tied.gguf", "f16").path
     assert "output.weight" not in {t.name for t in gguf.GGUFReader(str(path)).tensors}
-    assert verify_round_trip(str(source), path).top1_agreement == 1.0
+    # as for every f16 file here: each clear decision kept, a near-tie may flip (1 of 3024 on an AVX512-BF16 CPU)
+    check = verify_round_trip(str(source), path)
+    assert check.top1_agreement_clear == 1.0 and check.top1_agreement >= 0.999, check
 
 
 def test_an_adapter_is_merged_into_its_base_before_export(bpe_model_dir, tmp_path, cache_dir):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from safetensors.torch import load_file
 from trl import DPOConfig, SFTConfig
 
 from align.cli import main
@@ -277,8 +278,11 @@ def test_continuing_an_adapter_records_its_shape_and_refuses_other_lora_values(s
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "run.json").read_text())
+    trained = record["adapter"].pop("trained_parameters")
     assert record["adapter"] == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-                                 "use_rslora": False, "use_dora": False}
+                                 "modules_to_save": [], "use_rslora": False, "use_dora": False}
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert trained == {"lora": sum(t.numel() for t in saved.values()), "modules_to_save": 0, "other": 0}
     assert (record["recipe"]["lora"]["r"], record["recipe"]["lora"]["alpha"]) == (4, 8)
 
     monkeypatch.setattr("align.train.sft.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
