@@ -74,11 +74,18 @@ def _same_dir(path: Path, fd: int) -> bool:
     return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
 
 
-def lock_holder(work: Path) -> str:
-    try:
-        return (work / LOCK_FILE).read_text().strip() or "unknown"
-    except OSError:
-        return "unknown"
+def lock_holder(work: Path, wait_s: float = 2.0) -> str:
+    """The pid the lock holder wrote. It writes it just after taking the lock, so a second run that finds the lock
+    taken may read before it is there: wait up to `wait_s` for it rather than naming no one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            pid = (work / LOCK_FILE).read_text().strip()
+        except OSError:
+            pid = ""
+        if pid or time.monotonic() >= deadline:
+            return pid or "unknown"
+        time.sleep(0.05)
 
 
 def clear_dir(path: Path, keep: str = LOCK_FILE) -> None:
