@@ -39,16 +39,20 @@ def pig_latin_prompts(path: Path) -> Path:
 def random_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     """An SFT-like adapter whose B matrices are random (not zero), so it changes every log-prob: the reference it
     makes differs from the base by whole nats, and a check that confused the two would fail."""
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "sft")
+
+
+def make_adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter with random B (so it changes the model) saved with its base's tokenizer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path_factory.mktemp("adapter") / "sft"
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                       init_lora_weights=False))
     model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
     return out
 
 

@@ -97,7 +97,7 @@ def test_a_judge_is_checked_when_the_recipe_loads(tmp_path):
 # ---- a reward model as a GRPO reward ------------------------------------------------------------------------------
 
 import test_grpo  # noqa: E402
-from test_grpo import grpo_args, pig_latin_prompts  # noqa: E402
+from test_grpo import grpo_args, make_adapter, pig_latin_prompts  # noqa: E402
 
 random_adapter = test_grpo.random_adapter  # the module-scoped fixture, shared (an SFT-like adapter, random B)
 
@@ -110,20 +110,6 @@ def one_line_exit_2(args: list[str], *absent: Path) -> str:
     for path in absent:
         assert not path.exists() and not path.with_name(path.name + ".partial").exists(), path
     return lines[0]
-
-
-def make_adapter(base: Path, out: Path) -> Path:
-    """A LoRA adapter with random B (so it changes the model) saved with its base's tokenizer."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
-                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                      init_lora_weights=False))
-    model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
-    return out
 
 
 OTHER_TEMPLATE = ("{% for message in messages %}{{ '### ' + message['role'] + ': ' + message['content'] + '\n' }}"
