@@ -63,12 +63,8 @@ def run_rule_pairs(stage: PairsStage, pipeline: Pipeline) -> Path:
         samples = sample_adapter(stage, pipeline, prompts)
         pairs, correct = [], 0
         for prompt, reference, answers in zip(prompts, references, samples):
-            wrong = []
-            for answer in (a.strip() for a in answers):
-                if answer == reference:
-                    correct += 1
-                elif answer and answer not in wrong:
-                    wrong.append(answer)
+            correct += sum(a.strip() == reference for a in answers)
+            wrong = [a for a in distinct_answers(answers) if a != reference]
             pairs += [{"prompt": prompt, "chosen": [{"role": "assistant", "content": reference}],
                        "rejected": [{"role": "assistant", "content": w}]} for w in wrong]
         if not pairs:
