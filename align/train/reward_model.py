@@ -75,11 +75,15 @@ def check_reward_model_dir(model_dir: str | Path) -> Path:
 def load_reward_model(model_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     """(model, tokenizer) of an `align rm` output dir: its base as a one-output sequence classifier with the adapter
     and score head on top, and the tokenizer saved beside them."""
+    resolved, tokenizer = reward_model_tokenizer(model_dir)
+    return reward_model_weights(resolved, tokenizer, dtype), tokenizer
+
+
+def reward_model_weights(resolved: Any, tokenizer: Any, dtype: str = "float32") -> Any:
+    """The sequence classifier of a resolved reward model dir (its tokenizer already read)."""
     from align.core.models import LoadOptions, load_model
 
-    resolved, tokenizer = reward_model_tokenizer(model_dir)
-    model = load_model(resolved, LoadOptions(dtype), tokenizer, adapter="load", num_labels=1)
-    return model, tokenizer
+    return load_model(resolved, LoadOptions(dtype), tokenizer, adapter="load", num_labels=1)
 
 
 def reward_model_tokenizer(model_dir: str | Path) -> tuple[Any, Any]:
@@ -111,7 +115,7 @@ class RewardModel:
     def __init__(self, model_dir: str | Path, batch_size: int = 16) -> None:
         self.model_dir = str(model_dir)
         self.batch_size = batch_size
-        _, self.tokenizer = reward_model_tokenizer(model_dir)
+        self.resolved, self.tokenizer = reward_model_tokenizer(model_dir)
         self.model: Any = None
 
     def check_tokenizer(self, policy_tokenizer: Any, policy: str) -> None:
@@ -120,8 +124,8 @@ class RewardModel:
     def __call__(self, prompts: Sequence[str | Messages], completions: Sequence[str | Messages]) -> list[float]:
         if len(prompts) != len(completions):
             raise AlignError(f"score: {len(prompts)} prompts but {len(completions)} completions")
-        if self.model is None:
-            self.model, self.tokenizer = load_reward_model(self.model_dir)
+        if self.model is None:  # the tokenizer was read when the dir was checked
+            self.model = reward_model_weights(self.resolved, self.tokenizer)
         ids = [conversation_ids(self.tokenizer, conversation(p, c)) for p, c in zip(prompts, completions)]
         return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
 
