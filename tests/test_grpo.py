@@ -15,6 +15,7 @@ from conftest import reference_adapter_dropped, write_jsonl
 from align.cli import main
 from align.core.config import GRPORecipe
 from align.core.errors import AlignError
+from align.core.models import cpu_runs_bf16_fast
 from align.train.grpo import plan_grpo_reference, prepare_prompt_data, run_grpo, check_rewards_apply
 from align.train.rewards import parse_reward, parse_rewards
 
@@ -110,6 +111,56 @@ def test_a_wrong_reference_fails_step0(tiny_model_dir, random_adapter, tmp_path,
     with pytest.raises(AlignError, match=r"step-0 check failed for --ref adapter: .*kl [0-9.]+"):
         run_grpo(recipe, progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+class RowCounter:
+    """Stands in for the model handed to TRL's log-prob forward: counts the rows of each call, runs the model."""
+
+    def __init__(self, model: object, rows: list[int]) -> None:
+        self.model, self.rows = model, rows
+
+    def __call__(self, **inputs: object) -> object:
+        self.rows.append(int(inputs["input_ids"].shape[0]))
+        return self.model(**inputs)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.model, name)
+
+
+def test_every_log_prob_forward_runs_on_the_per_device_batch(tiny_model_dir, random_adapter, tmp_path, monkeypatch):
+    """bf16 kernels round differently for a different number of rows, so the step-0 check is exact only when its
+    forwards (policy, sampling policy, TRL's reference) take the slices training takes: the per-device batch, not the
+    generation batch (4 rows here) or TRL's eval batch (8)."""
+    from trl import GRPOTrainer
+
+    rows: list[int] = []
+    scored = GRPOTrainer._get_per_token_logps_and_entropies
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies",
+                        lambda self, model, *args, **kwargs: scored(self, RowCounter(model, rows), *args, **kwargs))
+    result = CliRunner().invoke(main, grpo_args(
+        tiny_model_dir, pig_latin_prompts(tmp_path / "p.jsonl"), tmp_path / "out", "--adapter", str(random_adapter),
+        "--ref", "adapter", "--beta", "0.1", "--reward", "pig-latin", "--max-steps", "1", "--batch-size", "2",
+        "--grad-accum", "2"))
+    assert result.exit_code == 0, result.output
+    # the check: sampling policy, reference, two loss slices; then the step: reference, two loss slices
+    assert len(rows) >= 7 and set(rows) == {2}, rows
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_runs_bf16_fast() and not torch.cuda.is_available(),
+                    reason="bf16 matmuls are emulated on this CPU (no AVX512-BF16/AMX)")
+def test_the_step0_check_passes_exactly_under_bf16_autocast_on_the_embedded_model(tmp_path):
+    """The false refusal this reproduces: on the embedded model under bf16 autocast, the check once scored the policy on
+    the whole generation batch (16 rows) and TRL the reference in slices of its eval batch (8), and measured 0.1 nats
+    between a model and itself; training itself scores both in slices of the per-device batch (4)."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "grpo", "--dtype", "bf16-autocast", "--data", "builtin:pig-latin", "--limit", "8", "--reward", "pig-latin",
+        "--ref", "base", "--beta", "0.04", "--max-steps", "1", "--batch-size", "4", "--grad-accum", "4",
+        "--num-generations", "4", "--max-completion-length", "16", "--report-to", "none", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    check = json.loads((out / "run.json").read_text())["step0_check"]
+    assert check["passed"] and check["kl"] == 0.0 and check["max_logp_difference"] == 0.0, check
 
 
 def test_a_user_reward_that_raises_is_one_line_and_leaves_nothing(tiny_model_dir, tmp_path):

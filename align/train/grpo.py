@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -181,6 +183,21 @@ def describe_reference(reference: ReferencePlan | None) -> dict[str, Any]:
 CLIPPED = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
 
 
+@contextmanager
+def training_shapes(trainer: Any) -> Iterator[None]:
+    """TRL's eval mode (dropout off) with training's batch shapes: the reference forward in slices of the per-device
+    train batch (not the eval batch) and groups of `num_generations`. The check's own forwards take the same slices,
+    since bf16 kernels round differently for a different number of rows: on the embedded model under bf16 autocast,
+    slices of 4 and of 8 rows put one model's log-probs 0.16 nats apart, a false refusal of a right reference."""
+    eval_batch, eval_groups = trainer.args.per_device_eval_batch_size, trainer.num_generations_eval
+    trainer.args.per_device_eval_batch_size, trainer.num_generations_eval = \
+        trainer.args.per_device_train_batch_size, trainer.num_generations
+    try:
+        yield
+    finally:
+        trainer.args.per_device_eval_batch_size, trainer.num_generations_eval = eval_batch, eval_groups
+
+
 def check_policy_at_step0(trainer: Any, reference: ReferencePlan | None,
                           tolerance: float = STEP0_TOLERANCE) -> dict[str, Any]:
     """Sample the first batch's completions and score them through TRL's own code, with the model in eval mode
@@ -190,28 +207,34 @@ def check_policy_at_step0(trainer: Any, reference: ReferencePlan | None,
     TRL skips the sampling policy's log-probs when generation and update are in step (it uses the policy's own,
     detached, so the ratio is 1 by construction); here they are computed in their own forward and handed to the
     loss, as TRL does when they are out of step, so the ratio is measured. Raises AlignError when not neutral."""
+    from trl.trainer.utils import split_tensor_dict
+
     model = trainer.model
     was_training = model.training
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     model.eval()
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), training_shapes(trainer):
             inputs = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
             mask = inputs["completion_mask"]
+            size = int(trainer.args.per_device_train_batch_size)
             with torch.no_grad():
                 sampled, _, _ = trainer._get_per_token_logps_and_entropies(
                     model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
-                    torch.cat([inputs["prompt_mask"], mask], dim=1), inputs["completion_ids"].size(1))
+                    torch.cat([inputs["prompt_mask"], mask], dim=1), inputs["completion_ids"].size(1),
+                    batch_size=size)
                 inputs["old_per_token_logps"] = sampled
-                with trainer.accelerator.autocast():
-                    loss = float(trainer.compute_loss(model, inputs))
+                losses = []
+                for batch in split_tensor_dict(inputs, max(1, mask.shape[0] // size)):
+                    with trainer.accelerator.autocast():
+                        losses.append(float(trainer.compute_loss(model, batch)))
     except (ValueError, NotImplementedError) as exc:
         raise_settings_error(exc, "grpo")
         raise
     finally:
         model.train(was_training)
     logged = trainer._metrics["eval"]  # TRL files metrics under "eval" when the model is not training
-    measured = {key: float(logged[key][-1]) for key in ("kl", *CLIPPED) if logged.get(key)}
+    measured = {key: float(max(logged[key][-len(losses):], key=abs)) for key in ("kl", *CLIPPED) if logged.get(key)}
     rewards = {key.removesuffix("/mean").removeprefix("rewards/"): float(values[-1])
                for key, values in logged.items() if key.startswith("rewards/") and key.endswith("/mean") and values}
     logged.clear()
@@ -222,8 +245,8 @@ def check_policy_at_step0(trainer: Any, reference: ReferencePlan | None,
         measured["max_logp_difference"] = difference
         deviations.append(difference)
     deviation = max(deviations, default=0.0)
-    result = {"passed": deviation <= tolerance, "loss": loss, **measured, "max_deviation": deviation,
-              "tolerance": tolerance, "completions": int(mask.shape[0]), "rewards": rewards}
+    result = {"passed": deviation <= tolerance, "loss": sum(losses) / len(losses), **measured,
+              "max_deviation": deviation, "tolerance": tolerance, "completions": int(mask.shape[0]), "rewards": rewards}
     if not result["passed"]:
         got = ", ".join(f"{key} {value:.6f}" for key, value in measured.items())
         which = f"--ref {reference.mode}" if reference is not None else "beta 0 (no reference)"
