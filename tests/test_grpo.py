@@ -96,6 +96,7 @@ def test_two_steps_from_an_sft_adapter_write_an_adapter_and_reward_stats(tiny_mo
             assert point["mean"] == pytest.approx(expected, abs=1e-6) and point["std"] == pytest.approx(0, abs=1e-6)
         assert -4 / 6 - 1e-6 <= point["mean"] <= 0
     assert record["generation"]["seconds"] > 0 and 0 < record["generation"]["share_of_train"] < 1
+    assert record["generation"]["backend"] == "transformers" and "vllm" not in record["generation"]
     assert record["num_generations"] == 2 and record["data"]["prompts"] == 4
 
 

@@ -493,6 +493,26 @@ class GRPORecipe(ReferenceRecipe):
     answer), regex:PATTERN (1 when the whole completion matches), length[:N] (minus the share of
     max_completion_length spent beyond N tokens), FILE.py:FUNCTION (TRL's reward-function signature), or rm:DIR
     (the score of a reward model `align rm` trained, on the policy's tokenizer)."""
+    vllm: Annotated[Literal["colocate"] | None, Flag("--vllm", unset="none")] = None
+    """Sample the completions with vLLM in the training process (TRL's use_vllm with vllm_mode colocate) instead of
+    transformers' generate. Needs a CUDA GPU and the vllm extra (pip install 'alignmerge[vllm]'); TRL's other vllm_*
+    fields (vllm_gpu_memory_utilization, vllm_enable_sleep_mode, ...) go in `train`. Not run on this project's
+    machines beyond its refusals and the GRPOConfig it sets."""
+
+    @model_validator(mode="after")
+    def _vllm_set_once(self) -> "GRPORecipe":
+        given = [key for key in ("use_vllm", "vllm_mode") if key in self.train]
+        if self.vllm and given:
+            raise ValueError(f"vllm {self.vllm} sets train.use_vllm and train.vllm_mode: drop train."
+                             f"{' and train.'.join(given)}, or drop vllm and give both in train")
+        return self
+
+    def train_arguments(self) -> dict[str, Any]:
+        """`vllm` as the GRPOConfig fields it stands for."""
+        arguments = super().train_arguments()
+        if self.vllm:
+            arguments.update(use_vllm=True, vllm_mode=self.vllm)
+        return arguments
 
 
 class ORPOTrainSettings(TrainSettings):

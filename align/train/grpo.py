@@ -135,6 +135,34 @@ def check_rewards_apply(rewards: list[CheckedReward], data: PromptSplits) -> Non
             raise DataError(f"{data.locations[bad]}: --reward {reward.where} needs {needs}, and this row has none")
 
 
+def check_vllm(recipe: GRPORecipe, train: dict[str, Any]) -> None:
+    """TRL's vLLM generation (either mode) imports vllm and runs on CUDA; without them it fails inside GRPOTrainer,
+    after the model has loaded. Read from the train arguments, so `train: {use_vllm: true}` is held to it too. Both
+    are named when both are missing: installing vllm on a machine with no GPU would only lead to the next refusal."""
+    if not train.get("use_vllm"):
+        return
+    switch = "--vllm" if recipe.vllm else "train.use_vllm"
+    asked = f"--vllm {recipe.vllm}" if recipe.vllm else "train.use_vllm"
+    extra = "the vllm extra (pip install 'alignmerge[vllm]')"
+    gpu = torch.cuda.is_available()
+    installed = vllm_installed()
+    if not gpu and not installed:
+        raise AlignError(f"{asked} needs a CUDA GPU and {extra}, and this machine has neither; drop {switch} to "
+                         "sample with transformers")
+    if not installed:
+        raise AlignError(f"{asked} needs {extra}, which is not installed")
+    if not gpu:
+        raise AlignError(f"{asked} needs a CUDA GPU (TRL runs vLLM on the training GPUs), and torch sees none; drop "
+                         f"{switch} to sample with transformers")
+
+
+def vllm_installed() -> bool:
+    """TRL's own test, so the two agree on what counts (it warns about a vllm outside the versions it supports)."""
+    from trl.import_utils import is_vllm_available
+
+    return is_vllm_available()
+
+
 def check_generation_batch(train: dict[str, Any]) -> None:
     """TRL's batch counts completions, and each prompt's group must fall in one generation batch."""
     batch = int(train["per_device_train_batch_size"]) * int(train["gradient_accumulation_steps"]) \
@@ -276,6 +304,31 @@ class GenerationClock:
         trainer._generate = timed
 
 
+def generation_backend(config: Any) -> str:
+    """How the completions are sampled: transformers' generate, or vLLM in TRL's mode (vllm-colocate)."""
+    return f"vllm-{config.vllm_mode}" if config.use_vllm else "transformers"
+
+
+def vllm_settings(config: Any) -> dict[str, Any]:
+    """What run.json records of a vLLM backend: its version, and in colocate mode the share of the GPU it was given."""
+    if not config.use_vllm:
+        return {}
+    from importlib.metadata import version
+
+    colocated = {"vllm_gpu_memory_utilization": config.vllm_gpu_memory_utilization,
+                 "vllm_enable_sleep_mode": config.vllm_enable_sleep_mode} if config.vllm_mode == "colocate" else {}
+    return {"vllm": version("vllm"), **colocated}
+
+
+def plan_grpo_config(recipe: GRPORecipe, reference: ReferencePlan | None, workdir: Path
+                     ) -> tuple[Any, dict[str, Any], Any]:
+    """The machine plan, the trainer arguments and the GRPOConfig they make."""
+    plan = plan_machine(recipe.model, recipe.train, recipe, "grpo", reference.mode if reference else None)
+    # GRPO counts its own tokens (prompt and completion); the Trainer's count looks for input_ids it never gets
+    args = {**trainer_arguments(recipe, plan, workdir), "include_num_input_tokens_seen": False}
+    return plan, args, grpo_config(args)
+
+
 def grpo_config(args: dict[str, Any]) -> Any:
     from trl import GRPOConfig
 
@@ -323,6 +376,7 @@ def run_grpo(recipe: GRPORecipe, progress: bool = True) -> Path:
         return out
     settings = recipe.train_arguments()
     check_generation_batch(settings)
+    check_vllm(recipe, settings)
     rewards = parse_rewards(recipe.rewards, settings.get("reward_weights"),
                             int(settings["max_completion_length"] or 256))
     timer = Timer()
@@ -335,10 +389,7 @@ def run_grpo(recipe: GRPORecipe, progress: bool = True) -> Path:
         data = prepare_prompt_data(recipe)
     check_rewards_apply(rewards, data)
     steps = estimated_steps(recipe.train, len(data.train) * int(settings["num_generations"]))
-    plan = plan_machine(recipe.model, recipe.train, recipe, "grpo", reference.mode if reference else None)
-    # GRPO counts its own tokens (prompt and completion); the Trainer's count looks for input_ids it never gets
-    args = {**trainer_arguments(recipe, plan, partial_dir(out)), "include_num_input_tokens_seen": False}
-    config = grpo_config(args)
+    plan, args, config = plan_grpo_config(recipe, reference, partial_dir(out))
 
     with training_run(recipe, out, run_config(recipe, policy, args, data.record)) as run:
         handle, checkpoint = run.handle, run.checkpoint
@@ -365,7 +416,8 @@ def run_grpo(recipe: GRPORecipe, progress: bool = True) -> Path:
                                    "rewards": [{"name": r.__name__, "reward": r.where, "weight": w}
                                                for r, w in zip(rewards, config.reward_weights or [1.0] * len(rewards))],
                                    "reward_stats": series,
-                                   "generation": {"seconds": clock.seconds,
+                                   "generation": {"backend": generation_backend(config), **vllm_settings(config),
+                                                  "seconds": clock.seconds,
                                                   "share_of_train": clock.seconds / train_seconds if train_seconds
                                                   else None},
                                    "step0_check": step0, "resumed_from": checkpoint, "resume": run.resume})
