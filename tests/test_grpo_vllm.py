@@ -17,6 +17,9 @@ from align.train import grpo
 from align.train.grpo import generation_backend, plan_grpo_config
 
 
+EXTRA = "the vllm extra (pip install -e '.[vllm]' in the alignmerge checkout)"
+
+
 def grpo_args(out: Path, *extra: str) -> list[str]:
     """A model and data that do not exist: a refusal that names vllm came before anything was read."""
     return ["grpo", "--model", str(out.parent / "no-model"), "--data", str(out.parent / "no-data.jsonl"),
@@ -44,11 +47,11 @@ def machine(monkeypatch):
 def test_vllm_colocate_on_this_machine_is_refused_naming_both_needs(tmp_path):
     out = tmp_path / "out"
     line = refused(CliRunner().invoke(main, grpo_args(out, "--vllm", "colocate")), out)
-    assert "--vllm colocate needs a CUDA GPU and the vllm extra (pip install 'alignmerge[vllm]')" in line
+    assert f"--vllm colocate needs a CUDA GPU and {EXTRA}, and this machine has neither; drop --vllm" in line
 
 
 @pytest.mark.parametrize("vllm, gpu, message", [
-    (False, True, "--vllm colocate needs the vllm extra (pip install 'alignmerge[vllm]'), which is not installed"),
+    (False, True, f"--vllm colocate needs {EXTRA}, which is not installed"),
     (True, False, "--vllm colocate needs a CUDA GPU (TRL runs vLLM on the training GPUs), and torch sees none"),
     (False, False, "--vllm colocate needs a CUDA GPU and the vllm extra"),
 ])
@@ -66,7 +69,7 @@ def test_use_vllm_through_train_is_held_to_the_same_check(tmp_path, machine):
     recipe.write_text("train:\n  use_vllm: true\n")
     out = tmp_path / "out"
     line = refused(CliRunner().invoke(main, [*grpo_args(out), str(recipe)]), out)
-    assert line.endswith("train.use_vllm needs the vllm extra (pip install 'alignmerge[vllm]'), which is not installed")
+    assert line.endswith(f"train.use_vllm needs {EXTRA}, which is not installed")
     out2 = tmp_path / "out2"
     line = refused(CliRunner().invoke(main, [*grpo_args(out2), "--set", "train.use_vllm=yes"]), out2)
     assert "train.use_vllm needs the vllm extra" in line
@@ -77,7 +80,7 @@ def test_the_vllm_check_passes_where_both_are_there(tmp_path, machine):
     machine(vllm=True, gpu=True)
     out = tmp_path / "out"
     line = refused(CliRunner().invoke(main, grpo_args(out, "--vllm", "colocate")), out)
-    assert "no-model (no such directory)" in line and "alignmerge[vllm]" not in line
+    assert "no-model (no such directory)" in line and ".[vllm]" not in line
 
 
 def test_vllm_and_the_train_fields_it_sets_are_not_both_given():

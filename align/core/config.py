@@ -495,9 +495,9 @@ class GRPORecipe(ReferenceRecipe):
     (the score of a reward model `align rm` trained, on the policy's tokenizer)."""
     vllm: Annotated[Literal["colocate"] | None, Flag("--vllm", unset="none")] = None
     """Sample the completions with vLLM in the training process (TRL's use_vllm with vllm_mode colocate) instead of
-    transformers' generate. Needs a CUDA GPU and the vllm extra (pip install 'alignmerge[vllm]'); TRL's other vllm_*
-    fields (vllm_gpu_memory_utilization, vllm_enable_sleep_mode, ...) go in `train`. Not run on this project's
-    machines beyond its refusals and the GRPOConfig it sets."""
+    transformers' generate. Needs a CUDA GPU and the vllm extra (pip install -e '.[vllm]' in the alignmerge
+    checkout); TRL's other vllm_* fields (vllm_gpu_memory_utilization, vllm_enable_sleep_mode, ...) go in `train`.
+    Not run on this project's machines beyond its refusals and the GRPOConfig it sets."""
 
     @model_validator(mode="after")
     def _vllm_set_once(self) -> "GRPORecipe":

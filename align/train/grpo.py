@@ -143,7 +143,7 @@ def check_vllm(recipe: GRPORecipe, train: dict[str, Any]) -> None:
         return
     switch = "--vllm" if recipe.vllm else "train.use_vllm"
     asked = f"--vllm {recipe.vllm}" if recipe.vllm else "train.use_vllm"
-    extra = "the vllm extra (pip install 'alignmerge[vllm]')"
+    extra = "the vllm extra (pip install -e '.[vllm]' in the alignmerge checkout)"
     gpu = torch.cuda.is_available()
     installed = vllm_installed()
     if not gpu and not installed:
