@@ -2,10 +2,17 @@
 
 For each configuration of a small grid, a fresh subprocess imports the libraries, records its resident memory
 (the baseline: everything held before the model loads), resets the kernel's peak counter, then loads the model and
-runs a few TRL SFTTrainer / DPOTrainer steps with those settings. Its peak RSS above the baseline (VmHWM minus the
-baseline VmRSS) is compared with the planner's prediction for the same settings.
+runs a few TRL SFTTrainer / DPOTrainer / GRPOTrainer steps with those settings. Its peak RSS above the baseline
+(VmHWM minus the baseline VmRSS) is compared with the planner's prediction for the same settings.
 
     .venv/bin/python benchmarks/estimate_accuracy.py [--quick] [--out benchmarks/estimate_accuracy.json]
+
+GRPO cases (`--grpo`) also measure the sampling moment on its own: the peak counter is reset as each generate call
+starts, and its peak above the baseline is compared with the plan's `sampling` total (KV cache of the whole
+generation batch beside what persists). Every completion is forced to `max_completion_length` tokens
+(`min_new_tokens`), the length the plan assumes; prompts are `length - completion` tokens. `rm` cases score with a
+reward model (an untrained LoRA sequence classifier over the same model, built once: memory does not depend on its
+training).
 
 Uses TRL's trainers directly (align.train.sft does not exist yet): `bf16=True` on CPU is accelerate's bf16 autocast over
 fp32 weights, which is what `--dtype auto` resolves to on this machine.
@@ -48,11 +55,21 @@ class Case:
     checkpointing: bool = False
     attn: str = "sdpa"
     steps: int = 2
+    completion: int = 0
+    """grpo: max_completion_length (of the `length` tokens)."""
+    generations: int = 8
+    grad_accum: int = 1
+    """grpo: with TRL's default steps_per_generation, the generation batch is batch x this."""
+    reward_model: bool = False
 
     @property
     def label(self) -> str:
         method = ("qlora" if self.quantize else "lora") if self.lora else "full"
         ck = " ckpt" if self.checkpointing else ""
+        if self.stage == "grpo":
+            rm = " rm" if self.reward_model else ""
+            return (f"{self.model} grpo b{self.batch}x{self.grad_accum} g{self.generations} L{self.length} "
+                    f"C{self.completion}{rm}{ck}")
         return f"{self.model} {self.stage} {method} b{self.batch} L{self.length} {self.attn}{ck}"
 
 
@@ -77,6 +94,17 @@ QUICK = [GRID[1], GRID[4], GRID[11]]
 HELD_OUT = [
     Case("smollm2", batch=3, length=384),
     Case("smollm2", stage="dpo", batch=1, length=384, attn="eager"),
+]
+
+
+# GRPO on the embedded model: 32-token prompts; a short and a long completion; a generation batch larger than the
+# micro-batch (the KV cache covers batch x grad_accum completions); a reward model scoring.
+GRPO = [
+    Case("smollm2", stage="grpo", batch=16, length=64, completion=32, generations=8),
+    Case("smollm2", stage="grpo", batch=4, grad_accum=4, length=288, completion=256, generations=8),
+    Case("smollm2", stage="grpo", batch=1, grad_accum=48, length=288, completion=256, generations=8,
+         checkpointing=True, steps=1),
+    Case("smollm2", stage="grpo", batch=16, length=64, completion=32, generations=8, reward_model=True),
 ]
 
 
@@ -122,6 +150,26 @@ def tiny_dir() -> Path:
     tokenizer = make_char_tokenizer()
     model = make_tiny_llama(len(tokenizer), seed=0, layers=4, hidden=512)
     model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def reward_model_dir(model_dir: Path) -> Path:
+    """An `align rm`-shaped dir (a PEFT SEQ_CLS LoRA adapter, r=16 on all linears, with its tokenizer) over
+    `model_dir`, untrained: what the planner and the memory see is the same."""
+    from align.core.models import cache_root
+
+    target = cache_root() / "estimate-bench" / f"{model_dir.name}-rm"
+    if (target / "adapter_config.json").is_file():
+        return target
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="SEQ_CLS"))
+    peft.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
 
@@ -193,6 +241,8 @@ def measure(case: Case, model_dir: str, data: str | None = None) -> dict:
         data = Dataset.from_list([{"text": text(chars // 5, i)[:chars]} for i in range(rows)])
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
                              peft_config=peft_config)
+    elif case.stage == "grpo":
+        trainer = grpo_trainer(case, model, tokenizer, common, peft_config, text, Path(model_dir))
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -205,25 +255,83 @@ def measure(case: Case, model_dir: str, data: str | None = None) -> dict:
     lengths = [len(x) for x in trainer.train_dataset[: case.batch][column]] if column in columns else []
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # the load's transient copies are not the training peak
+    sampling = watch_sampling(trainer, baseline) if case.stage == "grpo" and not cuda else None
     start = time.perf_counter()
     trainer.train()
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM") - baseline
+    extra = {}
+    if sampling is not None:
+        peak = max(peak, sampling["earlier_peak"] - baseline)
+        extra = {"sampling_peaks": sampling["peaks"], "rss_before_sampling": sampling["before"]}
     return {"baseline_rss": 0 if cuda else baseline, "peak_above_baseline": peak, "device": "cuda" if cuda else "cpu",
             "load_peak_above_baseline": after_load, "seconds": time.perf_counter() - start,
-            "first_lengths": lengths}
+            "first_lengths": lengths, **extra}
+
+
+def grpo_trainer(case: Case, model, tokenizer, common: dict, peft_config, text, model_dir: Path):
+    """TRL's GRPOTrainer as `align grpo` configures it (beta 0.04 with the adapter-disabled base as reference,
+    dropout off), every completion exactly `case.completion` tokens."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    prompt_tokens = case.length - case.completion
+    prompts = [tokenizer.decode(tokenizer(text(prompt_tokens * 2, i))["input_ids"][:prompt_tokens])
+               for i in range(8 * case.batch * case.grad_accum)]
+    args = {**{k: v for k, v in common.items() if k != "max_length"}, "gradient_accumulation_steps": case.grad_accum,
+            "num_generations": case.generations, "max_completion_length": case.completion, "beta": 0.04,
+            "disable_dropout": True, "generation_kwargs": {"min_new_tokens": case.completion}}
+
+    def length_reward(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    rewards = [length_reward]
+    if case.reward_model:
+        from align.train.reward_model import RewardModel
+
+        judge = RewardModel(reward_model_dir(model_dir))
+
+        def rm_reward(prompts, completions, **kwargs):
+            return judge(prompts, completions)
+
+        rewards = [rm_reward]
+    return GRPOTrainer(model=model, reward_funcs=rewards, args=GRPOConfig(**args), processing_class=tokenizer,
+                       train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), peft_config=peft_config)
+
+
+def watch_sampling(trainer, baseline: int) -> dict:
+    """Reset the peak counter as each generate call starts and read it as it returns: the sampling moment's own
+    peak. The peak before each reset is kept, so the run's overall peak is not lost."""
+    seen: dict = {"peaks": [], "before": [], "earlier_peak": 0}
+    original = trainer._generate_single_turn
+
+    def measured(*args, **kwargs):
+        seen["earlier_peak"] = max(seen["earlier_peak"], proc_status_bytes("VmHWM"))
+        seen["before"].append(proc_status_bytes("VmRSS") - baseline)
+        Path("/proc/self/clear_refs").write_text("5")
+        out = original(*args, **kwargs)
+        seen["peaks"].append(proc_status_bytes("VmHWM") - baseline)
+        return out
+
+    trainer._generate_single_turn = measured
+    return seen
 
 
 # ---- the prediction ----------------------------------------------------------------------------------------------
 
 
 def predict(case: Case, model_dir: Path, device: str = "cpu"):
-    from align.train.estimate import TrainSetup, load_shape, plan_memory
+    from align.train.estimate import TrainSetup, load_shape, plan_memory, reward_model_shapes
 
     gpu = device == "cuda"  # what measure() runs there: bf16 weights, no autocast casts of them
+    grpo = {}
+    if case.stage == "grpo":
+        rewards = (f"rm:{reward_model_dir(model_dir)}",) if case.reward_model else ()
+        grpo = {"grad_accum": case.grad_accum, "max_completion_length": case.completion,
+                "reward_models": reward_model_shapes(rewards)}
     setup = TrainSetup(stage=case.stage, device=device, weights_dtype="bfloat16" if gpu else "float32", autocast=not gpu,
                        quantize=case.quantize, lora_r=16 if case.lora else None, lora_dropout=0.05,
                        batch_size=case.batch, max_length=case.length, gradient_checkpointing=case.checkpointing,
-                       attn=case.attn, ref="adapter")
+                       attn=case.attn, ref="adapter", **grpo)
     return plan_memory(load_shape(str(model_dir)), setup, case.model)
 
 
@@ -299,6 +407,13 @@ def report(case: Case, measured: dict, plan) -> dict:
     row["error"] = plan.peak_bytes / measured["peak_above_baseline"] - 1
     print(f"{case.label:<42}{measured['peak_above_baseline'] / 2**20:>10.0f}{plan.peak_bytes / 2**20:>11.0f}"
           f"{row['error']:>+8.1%}  {plan.peak_phase}  ({measured['seconds']:.0f}s)", flush=True)
+    if measured.get("sampling_peaks"):
+        sampled, planned = max(measured["sampling_peaks"]), plan.phase_total("sampling")
+        row.update({"sampling_measured": sampled, "sampling_predicted": planned,
+                    "sampling_error": planned / sampled - 1})
+        print(f"{'  sampling moment':<42}{sampled / 2**20:>10.0f}{planned / 2**20:>11.0f}"
+              f"{row['sampling_error']:>+8.1%}  (each generate: "
+              f"{', '.join(f'{p / 2**20:.0f}' for p in measured['sampling_peaks'])} MiB)", flush=True)
     return row
 
 
@@ -326,7 +441,8 @@ def repredict(source: Path, out: Path) -> None:
     """Recompute predictions for stored measurements (the planner changed, the runs did not)."""
     saved = json.loads(source.read_text())
     dirs = {"smollm2": smollm2_dir(), "tiny": tiny_dir()}
-    measured_keys = ("baseline_rss", "peak_above_baseline", "load_peak_above_baseline", "seconds", "first_lengths")
+    measured_keys = ("baseline_rss", "peak_above_baseline", "load_peak_above_baseline", "seconds", "first_lengths",
+                     "sampling_peaks", "rss_before_sampling")
     print(HEADER)
     results = []
     for row in saved["results"]:
@@ -344,6 +460,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", type=int, nargs="*")
     parser.add_argument("--held-out", action="store_true", help="only the configurations not used for calibration")
+    parser.add_argument("--grpo", action="store_true", help="the GRPO cases (sampling moment measured on its own)")
     parser.add_argument("--repredict", help="recompute the predictions for the measurements in this JSON file")
     parser.add_argument("--compare", action="store_true", help="only the comparison with accelerate and published figures")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "estimate_accuracy.json"))
@@ -363,9 +480,9 @@ def main() -> None:
     dirs = ({"smollm2": Path(args.model), "tiny": Path(args.model)} if args.model
             else {"smollm2": smollm2_dir(), "tiny": tiny_dir()})
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    grid = QUICK if args.quick else HELD_OUT if args.held_out else GRID
+    grid = QUICK if args.quick else HELD_OUT if args.held_out else GRPO if args.grpo else GRID
     if args.only:
-        grid = [GRID[i] for i in args.only]
+        grid = [(GRPO if args.grpo else GRID)[i] for i in args.only]
     print(HEADER)
     results = [report(case, run_case(case, dirs[case.model], args.data), predict(case, dirs[case.model], device))
                for case in grid]

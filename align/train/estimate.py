@@ -10,6 +10,10 @@ A step has three moments that can hold the peak, and the plan takes the largest:
 - forward/backward: what persists (weights, adapter, optimizer states) plus saved activations, autocast weight
   copies, the loss head's working set and the gradients;
 - optimizer step: what persists plus gradients plus the optimizer's temporaries.
+A method that samples during training (grpo) has two more:
+- sampling: what persists plus the KV cache of a whole generation batch, one layer's transients and the last
+  position's logits (TRL samples with transformers' generate, under no_grad, between optimizer steps);
+- scoring: what persists (a reward model's weights among it, `--reward rm:DIR`) plus its no-grad forward.
 """
 
 from __future__ import annotations
@@ -213,6 +217,21 @@ def load_shape(spec: str) -> ModelShape:
 
 
 @dataclass(frozen=True)
+class RewardModelShape:
+    """A reward model a GRPO run scores with (`--reward rm:DIR`): its base's shape and its adapter's size."""
+
+    name: str
+    shape: ModelShape
+    adapter_params: int
+    """LoRA plus PEFT's trainable copy of the score head (modules_to_save), loaded unmerged."""
+
+    @property
+    def params(self) -> int:
+        """As a one-output sequence classifier: the base without its LM head, a hidden x 1 score head, the adapter."""
+        return self.shape.total_params - self.shape.lm_head_params + self.shape.hidden + self.adapter_params
+
+
+@dataclass(frozen=True)
 class TrainSetup:
     """The settings that decide memory, named as TRL / PEFT name them where they can be."""
 
@@ -245,6 +264,13 @@ class TrainSetup:
     zero: Literal[0, 2, 3] = 0
     chunked_loss: bool = True
     """TRL's fused LM head (its default): log-probs in tiles instead of the full logits tensor."""
+    max_completion_length: int = 256
+    """Methods that sample (grpo): tokens sampled per completion (TRL's default); `max_length` is a prompt plus
+    these."""
+    steps_per_generation: int | None = None
+    """Methods that sample: micro-batches one generation batch feeds (None: grad_accum, TRL's default)."""
+    reward_models: tuple[RewardModelShape, ...] = ()
+    """Methods that sample: reward models scoring the completions, each a second model held in memory."""
 
     @property
     def full(self) -> bool:
@@ -281,6 +307,16 @@ class TrainSetup:
     def tokens(self) -> int:
         return self.sequences * self.max_length
 
+    @property
+    def generation_batch(self) -> int:
+        """Completions sampled at once (TRL's generation_batch_size per process): one generate call feeds
+        `steps_per_generation` micro-batches, each prompt's num_generations completions among them."""
+        return self.batch_size * (self.steps_per_generation or self.grad_accum)
+
+    @property
+    def prompt_length(self) -> int:
+        return self.max_length - self.max_completion_length
+
 
 def check_setup(setup: TrainSetup) -> None:
     from align.train.methods import method_of
@@ -288,9 +324,14 @@ def check_setup(setup: TrainSetup) -> None:
     method_of(setup.stage)
     if setup.weights_dtype not in DTYPE_BYTES:
         raise AlignError(f"unknown weights dtype '{setup.weights_dtype}' (choose {', '.join(DTYPE_BYTES)})")
-    for name in ("batch_size", "max_length", "grad_accum", "num_processes"):
+    for name in ("batch_size", "max_length", "grad_accum", "num_processes", "max_completion_length"):
         if getattr(setup, name) < 1:
             raise AlignError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(setup, name)})")
+    if setup.steps_per_generation is not None and setup.steps_per_generation < 1:
+        raise AlignError(f"--steps-per-generation must be at least 1 (got {setup.steps_per_generation})")
+    if setup.method.samples and setup.prompt_length < 1:
+        raise AlignError(f"--max-length {setup.max_length} leaves no prompt beside --max-completion-length "
+                         f"{setup.max_completion_length} (it counts the prompt and the completion)")
     if setup.lora_r is not None and setup.lora_r < 1:
         raise AlignError(f"--lora-r must be at least 1 (got {setup.lora_r})")
     if setup.zero not in (0, 2, 3):
@@ -310,7 +351,9 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_8bit", "adamw_
 
 # ---- terms -------------------------------------------------------------------------------------------------------
 
-Phase = Literal["load", "persistent", "forward_backward", "optimizer_step"]
+Phase = Literal["load", "persistent", "forward_backward", "optimizer_step", "sampling", "scoring"]
+MOMENTS: tuple[Phase, ...] = ("load", "forward_backward", "optimizer_step", "sampling", "scoring")
+"""The phases that can hold the peak (`persistent` is part of every one but load)."""
 
 
 @dataclass(frozen=True)
@@ -559,6 +602,95 @@ def activation_term(shape: ModelShape, setup: TrainSetup) -> tuple[int, str]:
     return inputs + per_layer, f"{shape.layers} layer inputs ({inputs / MiB:.1f} MiB) + one layer {per_layer / MiB:.1f} MiB"
 
 
+# ---- sampling (grpo) ---------------------------------------------------------------------------------------------
+
+# RewardModel scores this many completions per forward (align/train/reward_model.py).
+REWARD_MODEL_BATCH = 16
+
+
+def sampling_bytes(setup: TrainSetup) -> int:
+    """Bytes of the activations and cache while sampling: TRL calls generate outside the trainer's autocast, so they
+    take the weights' dtype (measured: fp32 keys under bf16 autocast on CPU); bitsandbytes returns its input's."""
+    return DTYPE_BYTES[setup.weights_dtype]
+
+
+def kv_cache_bytes(shape: ModelShape, setup: TrainSetup) -> tuple[int, str]:
+    """transformers' DynamicCache at the last sampled token: K and V per layer for every position (the left-padded
+    prompt and the completion) of every completion of the generation batch."""
+    b = sampling_bytes(setup)
+    per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim * b
+    total = setup.generation_batch * setup.max_length * per_token
+    return total, (f"{setup.generation_batch} completions x {setup.max_length} positions x {shape.layers} layers x "
+                   f"2 x {shape.kv_heads} kv heads x {shape.head_dim} x {b} B")
+
+
+def no_grad_layer_bytes(shape: ModelShape, tokens: int, element: int) -> int:
+    """A no-grad forward frees each layer's tensors as it leaves it, so it holds one layer's at a time: at most the
+    MLP's up, act(gate) and their product (3i) beside the residual stream, its normed copy and the output (3h)."""
+    return tokens * (3 * shape.intermediate * shape.experts_per_token + 3 * shape.hidden) * element
+
+
+def sampling_working_set(shape: ModelShape, setup: TrainSetup) -> tuple[int, str]:
+    """Beside the cache, the larger of the prefill (one layer over every prompt token, its keys and values repeated
+    to every query head) and the last decoding step (one layer's K and V twice more: DynamicCache grows by
+    torch.cat, so old and new copies coexist, and sdpa with a padding mask takes repeat_kv's copy per query head),
+    plus the last position's logits (generate keeps logits_to_keep=1) and the sampler's fp32 copy, scores and
+    probabilities."""
+    b, g = sampling_bytes(setup), setup.generation_batch
+    hq, hk = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    prompt_tokens = g * setup.prompt_length
+    prefill = no_grad_layer_bytes(shape, prompt_tokens, b) + 2 * prompt_tokens * hq * b
+    decode = 2 * g * setup.max_length * (hk + hq) * b
+    logits = g * shape.vocab * (b + 3 * 4)
+    which = "prefill layer" if prefill > decode else "one layer's K/V copy and repeat"
+    return max(prefill, decode) + logits, f"{which} ({human(max(prefill, decode))}) + {g} x {shape.vocab} logits"
+
+
+def reward_model_terms(setup: TrainSetup) -> list[Term]:
+    """Each reward model (RewardModel loads it in fp32, on first use, and keeps it) and the largest one's scoring
+    forward: no-grad, fp32, REWARD_MODEL_BATCH completions of prompt plus completion at a time. The rewards run after
+    generate returns, so its cache is gone by then."""
+    if not setup.reward_models:
+        return []
+    terms = [Term("reward model weights", 4 * rm.params, "persistent",
+                  f"{rm.name}: {rm.params:,} params x 4 B (fp32 sequence classifier + adapter)")
+             for rm in setup.reward_models]
+    rows = min(REWARD_MODEL_BATCH, setup.generation_batch)
+    largest = max(setup.reward_models, key=lambda rm: no_grad_layer_bytes(rm.shape, 1, 4))
+    working = no_grad_layer_bytes(largest.shape, rows * setup.max_length, 4)
+    terms.append(Term("reward model forward", working, "scoring",
+                      f"{rows} x {setup.max_length} tokens through one layer at a time, fp32"))
+    return terms
+
+
+def sampling_terms(shape: ModelShape, setup: TrainSetup) -> list[Term]:
+    if not setup.method.samples:
+        return []
+    kv, kv_how = kv_cache_bytes(shape, setup)
+    working, working_how = sampling_working_set(shape, setup)
+    return [Term("KV cache", kv, "sampling", kv_how),
+            Term("sampling working set", working, "sampling", working_how),
+            *reward_model_terms(setup)]
+
+
+def reward_model_shape(model_dir: str) -> RewardModelShape:
+    """The shape of an `align rm` output dir: its base's config and its adapter's config, no weights read."""
+    from align.train.reward_model import check_reward_model_dir
+
+    path = check_reward_model_dir(model_dir)
+    shape = load_shape(str(path))
+    config = json.loads((path / "adapter_config.json").read_text())
+    listed = config.get("target_modules") or ()
+    targets = listed if isinstance(listed, str) else tuple(listed)
+    score_copy = shape.hidden  # PEFT trains a copy of the one-output score head (modules_to_save)
+    return RewardModelShape(str(model_dir), shape, lora_params(shape, int(config.get("r") or 0), targets) + score_copy)
+
+
+def reward_model_shapes(rewards: list[str] | tuple[str, ...]) -> tuple[RewardModelShape, ...]:
+    """The reward models among `--reward` specs (`rm:DIR`); the other rewards are functions of text."""
+    return tuple(reward_model_shape(r.removeprefix("rm:")) for r in rewards if r.startswith("rm:"))
+
+
 # ---- the plan ----------------------------------------------------------------------------------------------------
 
 
@@ -581,9 +713,15 @@ class Plan:
         return persistent + sum(t.bytes for t in self.terms if t.phase == phase)
 
     @property
+    def moments(self) -> tuple[Phase, ...]:
+        """The moments this run has: sampling and scoring only where a phase term belongs to them."""
+        return tuple(m for m in MOMENTS if m not in ("sampling", "scoring") or any(t.phase == m for t in self.terms))
+
+    @property
     def peak_phase(self) -> Phase:
-        phases: tuple[Phase, ...] = ("forward_backward", "optimizer_step", "load")
-        return max(phases, key=self.phase_total)
+        # ties go to the training moments, listed first
+        order: tuple[Phase, ...] = ("forward_backward", "optimizer_step", "load", "sampling", "scoring")
+        return max((m for m in order if m in self.moments), key=self.phase_total)
 
     @property
     def peak_bytes(self) -> int:
@@ -596,11 +734,11 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
-            "setup": asdict(self.setup),
+            "setup": {**asdict(self.setup), "reward_models": [rm.name for rm in self.setup.reward_models]},
             "shape": {k: v for k, v in asdict(self.shape).items() if k not in ("layer_linears", "module_params")},
             "trainable_params": self.trainable_params,
             "terms": [asdict(t) for t in self.terms],
-            "phases": {p: self.phase_total(p) for p in ("load", "forward_backward", "optimizer_step")},
+            "phases": {p: self.phase_total(p) for p in self.moments},
             "peak_phase": self.peak_phase,
             "peak_bytes": self.peak_bytes,
             "budget_bytes": self.budget,
@@ -664,6 +802,7 @@ def plan_memory(shape: ModelShape, setup: TrainSetup, model: str = "", budget: i
         Term("optimizer temporaries", optimizer_step_temporaries(setup, shape, trainable, tb), "optimizer_step",
              "AdamW's denominator: all parameters at once (foreach, CUDA) or the largest tensor twice (CPU)"),
     ]
+    terms += sampling_terms(shape, setup)
     terms.append(Term("loading", weights + mapped + overhead, "load",
                       "safetensors are mapped, not copied, when the dtype matches"))
     return Plan(model, setup, shape, terms, trainable, budget)
@@ -735,6 +874,9 @@ def setup_from_recipe(recipe: Any, stage: Stage, ref: str | None = None, device:
     precision = pick_precision(recipe.model.dtype, device)
     train = recipe.train_arguments()  # with the recipe's defaults, so the plan is of the run the command would do
     targets = recipe.lora.target_modules
+    from align.train.methods import METHODS
+
+    sampling = sampling_settings(train, getattr(recipe, "rewards", ())) if METHODS[stage].samples else {}
     return TrainSetup(
         stage=stage,
         device=device,  # type: ignore[arg-type]
@@ -747,13 +889,30 @@ def setup_from_recipe(recipe: Any, stage: Stage, ref: str | None = None, device:
         lora_dropout=recipe.lora.dropout,
         optim=str(train["optim"]),
         batch_size=int(train["per_device_train_batch_size"]),
-        # None (no truncation), or no max_length at all (grpo: a prompt plus max_completion_length): a typical length
-        max_length=int(train.get("max_length") or TrainSetup.max_length),
+        # None (no truncation): a typical length; grpo has none (a prompt plus max_completion_length)
+        max_length=int(train.get("max_length") or sampling.get("max_length") or TrainSetup.max_length),
         grad_accum=int(train["gradient_accumulation_steps"]),
         gradient_checkpointing=recipe.model.gradient_checkpointing is True or bool(train.get("gradient_checkpointing")),
         attn="flash" if str(recipe.model.attn).startswith("flash") else recipe.model.attn,
         ref=(ref or ("precompute" if train.get("precompute_ref_log_probs") else "adapter")),  # type: ignore[arg-type]
+        **{k: v for k, v in sampling.items() if k != "max_length"},
     )
+
+
+# A prompt's tokens where the recipe sets no length (GRPO keeps prompts whole): TRL's max_prompt_length default
+# before 1.0 dropped it.
+TYPICAL_PROMPT_TOKENS = 512
+
+
+def sampling_settings(train: dict[str, Any], rewards: Any) -> dict[str, Any]:
+    """A sampling method's settings from its TRL config fields: the completion length, the micro-batches a
+    generation batch feeds, the reward models."""
+    completion = int(train.get("max_completion_length") or TrainSetup.max_completion_length)
+    steps = train.get("steps_per_generation")
+    if steps is None and train.get("generation_batch_size"):
+        steps = int(train["generation_batch_size"]) // int(train["per_device_train_batch_size"])
+    return {"max_length": TYPICAL_PROMPT_TOKENS + completion, "max_completion_length": completion,
+            "steps_per_generation": int(steps) if steps else None, "reward_models": reward_model_shapes(rewards or ())}
 
 
 def plan_from_recipe(recipe: Any, stage: Stage, ref: str | None = None, budget: int | None = None,
@@ -920,6 +1079,8 @@ def format_plan(plan: Plan) -> str:
         + f", accumulation {s.grad_accum}, attn {s.attn}, optim {s.optim}"
         + (", checkpointing" if s.gradient_checkpointing else "")
         + (f", ZeRO-{s.zero} over {s.num_processes}" if s.zero and s.num_processes > 1 else ""),
+        *([f"      sampling {s.generation_batch} completions at once (batch x steps per generation), "
+           f"{s.max_completion_length} of the {s.max_length} tokens sampled"] if s.method.samples else []),
         f"      trainable {plan.trainable_params:,} ({plan.trainable_params / max(shape.total_params, 1):.2%})",
         "",
         f"  {'term':<30}{'phase':<18}{'memory':>12}  how",
@@ -928,7 +1089,7 @@ def format_plan(plan: Plan) -> str:
         if term.bytes:
             lines.append(f"  {term.name:<30}{term.phase:<18}{human(term.bytes):>12}  {term.formula}")
     lines.append("")
-    for phase in ("load", "forward_backward", "optimizer_step"):
+    for phase in plan.moments:
         mark = "  <- peak" if phase == plan.peak_phase else ""
         lines.append(f"  {'total at ' + phase:<48}{human(plan.phase_total(phase)):>12}{mark}")  # type: ignore[arg-type]
     if plan.budget is not None:

@@ -42,6 +42,9 @@ class TrainingMethod:
     disables_dropout: bool
     """The run's `disable_dropout` defaults to True (its recipe's default, else its TRL config's), which zeroes LoRA's
     dropout too (the planner plans none; tests/test_methods.py reads both defaults)."""
+    samples: bool = False
+    """Completions are sampled from the policy during training: the planner adds the moment of sampling (the KV
+    cache of a generation batch) and the reward models that score them."""
     record: str = "run.json"
     """Written last into the output dir: its presence means the run finished."""
 
@@ -102,10 +105,10 @@ METHODS: dict[str, TrainingMethod] = {m.name: m for m in (
         name="grpo", recipe=GRPORecipe, trl_config="trl:GRPOConfig", runner="align.train.grpo:run_grpo",
         data="prompts", reference=True, disables_dropout=True,  # our default, not TRL's (GRPOTrainSettings)
         # TRL's batch counts completions, not prompts (a prompt's num_generations completions are num_generations
-        # rows of it), so each batch row is one sequence. Not planned yet: the KV cache of generation (sampling
-        # runs under no_grad, after the previous step's activations are freed) and, with beta > 0, the reference's
-        # no-grad forward (a second pass over the batch, not a second copy of the weights).
-        sequences_per_row=1,
+        # rows of it), so each batch row is one sequence. Sampling (a whole generation batch under no_grad, after the
+        # previous step's activations are freed) is its own moment of the plan. Not planned: with beta > 0, the
+        # reference's no-grad forward (one layer at a time over one micro-batch, below the training forward).
+        sequences_per_row=1, samples=True,
         summary="GRPO: online RL from reward functions over TRL's GRPOTrainer. For each prompt a group of "
                 "completions is sampled and scored (--reward: pig-latin, exact, regex:PATTERN, length[:N], "
                 "FILE.py:FUNCTION or rm:DIR, weighted by --reward-weights), with a KL to the frozen SFT adapter or the "
