@@ -58,6 +58,16 @@ def test_pipeline_recipes_validate_and_name_their_command(path):
     assert recipe.stages
 
 
+def test_the_bake_off_runs_the_grpo_demo_stage_as_it_is():
+    """methods.yaml's grpo row is the demo's GRPO stage: the two recipes carry the same stage, kept in step."""
+    from align.core.config import load_yaml
+
+    def grpo(name: str) -> dict:
+        return next(s for s in load_yaml(RECIPES / name)["stages"] if s["name"] == "grpo")
+
+    assert grpo("methods.yaml") == grpo("pig-latin-grpo.yaml")
+
+
 @pytest.mark.parametrize("name, stage", sorted(TRAINING.items()))
 def test_training_recipes_validate_against_trl(name, stage):
     from trl import DPOConfig, SFTConfig
@@ -87,6 +97,14 @@ SHORT = {
     "two-skills": ["pig.train.max_steps=2", "pig.data.limit=16", "reverse.train.max_steps=2", "reverse.data.limit=16",
                    "moe-healed.train.max_steps=2", "moe-healed.data.limit=16", "eval.limit=1"],
     "depth-upscale": ["healed.train.max_steps=2", "healed.data.limit=16", "eval.limit=1"],
+    # a reward model 2 steps in scores two samples apart by more than 1e-6, not necessarily by 0.1
+    "methods": ["sft.train.max_steps=2", "sft.data.limit=16", "pairs.limit=3", "pairs.samples=1",
+                "pairs.max_new_tokens=12", "pairs.temperature=2.0",
+                *(f"{m}.train.max_steps=2" for m in ("dpo", "ipo", "kto", "orpo", "simpo", "rm", "dpo-rm")),
+                "grpo.train.max_steps=2", "grpo.data.limit=4", "grpo.train.per_device_train_batch_size=4",
+                "grpo.train.num_generations=2", "grpo.train.max_completion_length=8", "rm.data.limit=16",
+                "pairs-rm.limit=3", "pairs-rm.max_new_tokens=12", "pairs-rm.temperature=2.0",
+                "pairs-rm.min_margin=1e-6", "eval.limit=1"],
 }
 
 
@@ -102,3 +120,19 @@ def test_small_recipes_run_end_to_end_in_short_form(name, tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert (tmp_path / name / "report.md").is_file()
     assert (tmp_path / name / "eval" / "report.json").is_file()
+    if name == "methods":
+        check_methods_table(tmp_path / name)
+
+
+def check_methods_table(rundir: Path) -> None:
+    """benchmarks/methods_table.py on the run: a row per evaluated model, GRPO's and the RM-judged DPO's included,
+    and the reward model and both pairs stages listed under the table."""
+    from conftest import benchmark_script
+
+    text = benchmark_script("methods_table").table(rundir)
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"sft", "dpo", "ipo", "kto", "orpo", "simpo", "grpo", "dpo-rm"} <= set(rows)
+    assert "grpo (dapo, reward pig-latin), ref adapter" in rows["grpo"] and rows["grpo"].endswith("| 1 |")
+    assert "pairs judged by rm:rm" in rows["dpo-rm"] and "pairs judged" not in rows["dpo"]
+    assert "`rm` (reward model, not a policy): held-out pair accuracy" in text
+    assert "`pairs-rm` (pairs, judge rm:rm)" in text and "`pairs` (pairs, judge rule)" in text
