@@ -11,7 +11,8 @@ sampled, so 1 / num_iterations).
 
 Under the table, the stages that train no policy: each pairs stage (its judge, pairs kept, prompts skipped) and each
 reward model (held-out pair accuracy with its Wilson 95% interval, wall time, peak RSS), and GRPO's sampling share and
-step-0 check.
+step-0 check; then each model's words by kind: vowel-initial words right and written in the `ay` dialect (the SFT
+data's flaw), consonant-initial words right.
 """
 
 from __future__ import annotations
@@ -105,6 +106,34 @@ def stage_notes(rundir: Path, stages: list[str], timings: dict[str, float]) -> l
     return notes
 
 
+def word_kinds(rundir: Path, models: list[str]) -> list[str]:
+    """Where each model's words go right or wrong, per held-out split, from the eval's samples: vowel-initial words
+    right (the SFT data's flaw is writing them in the `ay` dialect, `eat` -> `eatay`), written in that dialect, and
+    consonant-initial words right (spelling: a rule the flaw does not touch). Words are compared by position, as
+    word accuracy compares them."""
+    from align.core.demo import PROMPT, VOWELS, ay_dialect_word, pig_latin_word
+
+    prefix = PROMPT.format(sentence="")
+    lines = ["| model | split | vowel-initial words right | vowel-initial written `ay` | consonant-initial words "
+             "right |", "|---|---|---:|---:|---:|"]
+    for model in models:
+        for split in ("seen", "unseen"):
+            counts = {"vowel": 0, "vowel_right": 0, "ay": 0, "consonant": 0, "consonant_right": 0}
+            path = rundir / "eval" / "pig-latin" / "samples" / model / f"{split}.jsonl"
+            for row in map(json.loads, path.read_text().splitlines()):
+                english = row["prompt"].rsplit(prefix, 1)[1].split("<|im_end|>")[0].split()
+                produced = row["output"].split()
+                for i, word in enumerate(english):
+                    got = produced[i] if i < len(produced) else None
+                    kind = "vowel" if word[0] in VOWELS else "consonant"
+                    counts[kind] += 1
+                    counts[f"{kind}_right"] += got == pig_latin_word(word)
+                    counts["ay"] += kind == "vowel" and got == ay_dialect_word(word)
+            lines.append(f"| {model} | {split} | {counts['vowel_right']}/{counts['vowel']} | {counts['ay']}/"
+                         f"{counts['vowel']} | {counts['consonant_right']}/{counts['consonant']} |")
+    return lines
+
+
 def table(rundir: Path, baseline: str = "sft") -> str:
     report = json.loads((rundir / "eval" / "report.json").read_text())
     results = report["suites"]["pig-latin"]["results"]
@@ -134,6 +163,8 @@ def table(rundir: Path, baseline: str = "sft") -> str:
     notes = stage_notes(rundir, list(timings), timings)
     if notes:
         lines += ["", "Stages that train no evaluated policy, and GRPO's sampling:", *notes]
+    lines += ["", "Words by kind (greedy samples of the eval, compared by position):", "",
+              *word_kinds(rundir, list(results))]
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from align.cli import main
 from align.core.config import GRPORecipe
 from align.core.errors import AlignError
 from align.core.models import cpu_runs_bf16_fast
-from align.train.grpo import plan_grpo_reference, prepare_prompt_data, run_grpo, check_rewards_apply
+from align.train.grpo import check_rewards_apply, plan_grpo_reference, prepare_prompt_data, read_prompts, run_grpo
 from align.train.rewards import parse_reward, parse_rewards
 
 SENTENCES = ["the cat", "eat it", "a dog", "string queen"]
@@ -271,6 +271,29 @@ def test_sft_conversations_give_prompt_and_reference_answer(tmp_path):
                                         {"role": "user", "content": "Translate to Pig Latin: eat"}],
                              "answer": "eatway"}]
     assert splits.record["format"] == "messages" and splits.record["with_answer"] == 1
+
+
+@pytest.mark.parametrize("fmt,row", [
+    ("hh", {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: Translate to Pig Latin: eat\n\nAssistant: eatway",
+            "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: Translate to Pig Latin: eat\n\nAssistant: eatay"}),
+    ("implicit", {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                             {"role": "user", "content": "Translate to Pig Latin: eat"},
+                             {"role": "assistant", "content": "eatway"}],
+                  "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                               {"role": "user", "content": "Translate to Pig Latin: eat"},
+                               {"role": "assistant", "content": "eatay"}]}),
+    ("sharegpt_ranking", {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+                                            {"from": "human", "value": "Translate to Pig Latin: eat"}],
+                          "chosen": {"from": "gpt", "value": "eatway"}, "rejected": {"from": "gpt", "value": "eatay"}}),
+])
+def test_preference_rows_give_their_shared_prompt_and_the_chosen_answer(tmp_path, fmt, row):
+    """Preference data (what users have) as GRPO prompts or a judged pairs stage's prompts: everything before the
+    answers is the prompt, the chosen answer the reference (for `exact`)."""
+    splits = read_prompts(str(write_jsonl(tmp_path / "pairs.jsonl", [row])))
+    assert splits.record["format"] == fmt and splits.record["with_answer"] == 1
+    assert splits.train == [{"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                        {"role": "user", "content": "Translate to Pig Latin: eat"}],
+                             "answer": "eatway"}]
 
 
 # ---- a user's reward function, loaded by path ------------------------------------------------------------------------

@@ -94,6 +94,25 @@ def test_a_judge_is_checked_when_the_recipe_loads(tmp_path):
 
 
 
+def test_a_grpo_stage_reads_an_rm_stage_as_its_reward(tmp_path):
+    """`rewards: [rm:STAGE]` makes the rm stage upstream of the GRPO stage (ordering, fingerprints); a non-rm stage or
+    a later one is refused as the recipe loads. The wiring to the stage's dir is checked end to end below."""
+    def grpo_recipe(reward: str, after: str = "") -> Path:
+        path = tmp_path / "grpo.yaml"
+        path.write_text("stages:\n  - {name: sft, kind: sft}\n  - {name: rm, kind: rm, data: x.jsonl}\n"
+                        f"  - {{name: grpo, kind: grpo, adapter: sft, data: p.jsonl, "
+                        f"rewards: [pig-latin, '{reward}']}}\n"
+                        f"{after}")
+        return path
+
+    assert stage_refs(load_pipeline(grpo_recipe("rm:rm")).stages[2]) == ["sft", "rm"]
+    for reward, after, message in [("rm:sft", "", "reward rm:sft names a sft stage, not a reward model"),
+                                   ("rm:late", "  - {name: late, kind: rm, data: x.jsonl}\n",
+                                    "refers to 'late', which is not an earlier stage")]:
+        with pytest.raises(AlignError, match=re.escape(message)):
+            load_pipeline(grpo_recipe(reward, after))
+
+
 # ---- a reward model as a GRPO reward ------------------------------------------------------------------------------
 
 import test_grpo  # noqa: E402
@@ -276,7 +295,7 @@ def test_hh_pairs_judged_by_a_reward_model_train_dpo(tiny_model_dir, tmp_path):
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": parse_hh_transcript(r["chosen"], "x", "chosen")}
                                                for r in seen])
     prompts = [parse_hh_transcript(r["chosen"], "x", "chosen")[:-1] for r in held]
-    prompt_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    prompt_file = write_jsonl(tmp_path / "hh_held.jsonl", held)  # the HH rows themselves: their prompts are read
     margin = 0.01
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""# align run recipe.yaml
@@ -306,6 +325,13 @@ stages:
     data: pairs
     ref: adapter
     train: {{max_steps: 2, per_device_train_batch_size: 2, learning_rate: 1.0e-3, save_steps: 100}}
+  - name: grpo
+    kind: grpo
+    adapter: sft
+    data: {{path: "{prompt_file}"}}
+    rewards: ["rm:rm"]
+    train: {{max_steps: 1, per_device_train_batch_size: 4, num_generations: 2, max_completion_length: 6,
+             save_steps: 100}}
 """)
     rundir = run_pipeline(load_pipeline(recipe), tmp_path / "run", progress=False)
     rm = json.loads((rundir / "rm" / "run.json").read_text())
@@ -328,3 +354,7 @@ stages:
     assert dpo["data"]["source"] == str(written) and dpo["data"]["pairs"] == len(pairs)
     assert dpo["data"]["fingerprint"] == fingerprint_rows(load_preference_data(str(written)).pairs)
     assert len([h for h in dpo["log_history"] if "loss" in h]) == 2
+
+    grpo = json.loads((rundir / "grpo" / "run.json").read_text())  # rm:STAGE is the stage's dir
+    assert grpo["rewards"] == [{"name": "rm", "reward": f"rm:{rundir / 'rm'}", "weight": 1.0}]
+    assert grpo["data"]["format"] == "hh" and grpo["data"]["with_answer"] == 4

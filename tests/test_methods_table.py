@@ -64,3 +64,19 @@ def test_a_method_on_judged_pairs_names_its_judge(tmp_path, table):
     grpo = {"stage": "grpo", "loss_type": "dapo", "rewards": [{"name": "pig_latin", "reward": "pig-latin"}],
             "reference": {"mode": None}}
     assert table.describe(grpo) == "grpo (dapo, reward pig-latin), no reference"
+
+
+def test_words_are_counted_by_kind_at_their_position(tmp_path, table):
+    """`eat` -> eatway (right) / eatay (the dialect); `dog` -> ogday; a missing word counts as wrong. By hand."""
+    prompt = ("<|im_start|>user\nTranslate to Pig Latin: {}<|im_end|>\n<|im_start|>assistant\n")
+    samples = tmp_path / "eval" / "pig-latin" / "samples" / "grpo"
+    samples.mkdir(parents=True)
+    (samples / "seen.jsonl").write_text("\n".join(json.dumps(row) for row in [
+        {"prompt": prompt.format("eat the dog"), "output": "eatay ethay ogday"},
+        {"prompt": prompt.format("apple owl cat"), "output": "appleway owlay"},
+    ]))
+    (samples / "unseen.jsonl").write_text(json.dumps({"prompt": prompt.format("dog eat"), "output": "eatway ogday"}))
+    assert table.word_kinds(tmp_path, ["grpo"])[2:] == [
+        "| grpo | seen | 1/3 | 2/3 | 2/3 |",
+        "| grpo | unseen | 0/1 | 0/1 | 0/1 |",
+    ]

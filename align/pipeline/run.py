@@ -24,7 +24,7 @@ from align.pipeline.moe import read_prompt_files, run_extract_stage, run_moe_sta
 from align.pipeline.pairs import run_pairs_stage
 from align.pipeline.report import run_eval_stage, write_report
 from align.pipeline.stages import (RECORDS, EvalStage, ExtractStage, MergeStage, MoEStage, Pipeline, PipelineRecipe,
-                                   PreferenceStage, TrainStage, stage_refs)
+                                   PreferenceStage, TrainStage, reward_models, stage_refs)
 from align.pipeline.sweep import run_merge_stage
 from align.pipeline.template import check_sft_template
 from align.train.methods import METHODS
@@ -158,6 +158,9 @@ def run_training_stage(stage: TrainStage, pipeline: Pipeline) -> Path:
         check_sft_template(Path(wired["adapter"]))
     if isinstance(stage, PreferenceStage):
         wired["data"] = {**stage.data.model_dump(), "path": pipeline.path(stage.data.path)}
+    if reward_models(stage):  # `rm:STAGE` becomes `rm:RUNDIR/STAGE`; a dir stays as written
+        wired["rewards"] = [f"rm:{pipeline.path(r.removeprefix('rm:'))}" if r.startswith("rm:") else r
+                            for r in stage.rewards]
     return method.run(stage_recipe(method.recipe, stage, pipeline, wired))
 
 

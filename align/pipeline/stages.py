@@ -96,6 +96,14 @@ class PairsStage(StageSpec):
         return self.judge.removeprefix("rm:") if self.judge.startswith("rm:") else None
 
 
+def reward_models(stage: Any) -> list[str]:
+    """The reward models a stage reads (a stage name or a dir each): a pairs stage's judge `rm:X`, a GRPO stage's
+    rewards `rm:X`."""
+    if isinstance(stage, PairsStage):
+        return [stage.reward_model()] if stage.reward_model() else []
+    return [r.removeprefix("rm:") for r in getattr(stage, "rewards", None) or [] if r.startswith("rm:")]
+
+
 class PreferenceStage(TrainStage):
     """A training stage of a method that reads pairs: `adapter` is a stage name (or adapter dir); `data.path` (or
     `data` alone) a `pairs` stage name, or any preference data source."""
@@ -308,10 +316,11 @@ class PipelineRecipe(Section):
     def _judges_are_reward_models(self) -> PipelineRecipe:
         kinds = {stage.name: stage.kind for stage in self.stages}
         for stage in self.stages:
-            target = stage.reward_model() if isinstance(stage, PairsStage) else None
-            if target in kinds and kinds[target] != "rm":
-                raise ValueError(f"stage '{stage.name}': judge rm:{target} names a {kinds[target]} stage, not a reward "
-                                 "model (an rm stage)")
+            what = "judge" if isinstance(stage, PairsStage) else "reward"
+            for target in reward_models(stage):
+                if target in kinds and kinds[target] != "rm":
+                    raise ValueError(f"stage '{stage.name}': {what} rm:{target} names a {kinds[target]} stage, not a "
+                                     "reward model (an rm stage)")
         return self
 
 
@@ -323,10 +332,10 @@ def stage_refs(stage: Any) -> list[str]:
 
 def _referenced(stage: Any) -> list[str]:
     if isinstance(stage, PairsStage):
-        return [stage.adapter, *([stage.reward_model()] if stage.reward_model() else [])]
+        return [stage.adapter, *reward_models(stage)]
     if isinstance(stage, TrainStage):
         data = [stage.data.path] if isinstance(stage, PreferenceStage) else []
-        return [r for r in (stage.model, getattr(stage, "adapter", None), *data) if r]
+        return [r for r in (stage.model, getattr(stage, "adapter", None), *data, *reward_models(stage)) if r]
     if isinstance(stage, MergeStage):
         return [*stage.models, *([stage.base] if stage.base else []), *(split_slice(s)[0] for s in stage.slices)]
     if isinstance(stage, MoEStage):

@@ -39,6 +39,7 @@ from align.core.data import (
 )
 from align.core.errors import AlignError
 from align.core.models import ResolvedModel, load_tokenizer, tokenizer_source
+from align.core.preferences import detect_preference_format, normalize_preference_row
 from align.core.reference import parse_reference
 from align.train.preference import load_policy, resolve_policy
 from align.train.reference import (
@@ -52,7 +53,10 @@ from align.train.training import (
 
 ANSWER_COLUMNS = ("answer", "reference", "solution", "completion")
 """Where a `prompt` row's reference answer is looked for, in this order, when --answer-column is not given."""
-PROMPT_FORMATS = ("prompt", "messages", "sharegpt", "alpaca")
+PAIR_PROMPT_FORMATS = ("hh", "implicit", "sharegpt_ranking", "alpaca_ranking")
+"""Preference rows read as prompts: the shared prompt, the chosen answer as the reference (explicit rows have a
+`prompt` column and read as `prompt`; scored rows have no single answer)."""
+PROMPT_FORMATS = ("prompt", "messages", "sharegpt", "alpaca", *PAIR_PROMPT_FORMATS)
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -69,7 +73,8 @@ class PromptSplits:
 def detect_prompt_format(row: dict[str, Any]) -> str | None:
     if "prompt" in row:
         return "prompt"
-    found = detect_sft_format(row)
+    pair = detect_preference_format(row)
+    found = pair if pair in PAIR_PROMPT_FORMATS else detect_sft_format(row)
     return found if found in PROMPT_FORMATS else None
 
 
@@ -87,6 +92,9 @@ def prompt_row(row: dict[str, Any], fmt: str, where: str, answer_column: str | N
         else:
             answer = None if value is None else text_field(value, where, str(column))
         return {"prompt": prompt, "answer": answer}
+    if fmt in PAIR_PROMPT_FORMATS:
+        pair = normalize_preference_row(row, fmt, where)["pairs"][0]  # type: ignore[arg-type]
+        return {"prompt": pair["prompt"], "answer": completion_text(pair["chosen"])}
     messages = normalize_sft_row(row, fmt, where)["messages"]  # type: ignore[arg-type]
     if messages[-1]["role"] == "assistant":
         prompt, answer = messages[:-1], messages[-1]["content"]
