@@ -146,10 +146,8 @@ def parse_judge(stage: PairsStage, pipeline: Pipeline) -> Any:
     """The stage's scoring judge as a checked reward, a reward model's stage name turned into its dir."""
     from align.train.rewards import parse_reward
 
-    target = stage.reward_model()
-    spec = f"rm:{pipeline.path(target)}" if target is not None else stage.judge
     try:
-        return parse_reward(spec, stage.max_new_tokens)
+        return parse_reward(pipeline.reward_spec(stage.judge), stage.max_new_tokens)
     except AlignError as exc:
         raise AlignError(f"pairs stage '{stage.name}': judge {str(exc).removeprefix('--reward ')}") from None
 

@@ -158,9 +158,8 @@ def run_training_stage(stage: TrainStage, pipeline: Pipeline) -> Path:
         check_sft_template(Path(wired["adapter"]))
     if isinstance(stage, PreferenceStage):
         wired["data"] = {**stage.data.model_dump(), "path": pipeline.path(stage.data.path)}
-    if reward_models(stage):  # `rm:STAGE` becomes `rm:RUNDIR/STAGE`; a dir stays as written
-        wired["rewards"] = [f"rm:{pipeline.path(r.removeprefix('rm:'))}" if r.startswith("rm:") else r
-                            for r in stage.rewards]
+    if reward_models(stage):
+        wired["rewards"] = [pipeline.reward_spec(r) for r in stage.rewards]
     return method.run(stage_recipe(method.recipe, stage, pipeline, wired))
 
 

@@ -371,3 +371,7 @@ class Pipeline:
             return str(out / "pairs.jsonl") if isinstance(stage, PairsStage) else str(out)
         return name
 
+    def reward_spec(self, spec: str) -> str:
+        """A reward (or judge) as `--reward` takes it: `rm:STAGE` becomes `rm:RUNDIR/STAGE`; a dir stays as written."""
+        return f"rm:{self.path(spec.removeprefix('rm:'))}" if spec.startswith("rm:") else spec
+
