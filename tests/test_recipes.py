@@ -130,7 +130,9 @@ def check_methods_table(rundir: Path) -> None:
     from conftest import benchmark_script
 
     text = benchmark_script("methods_table").table(rundir)
-    rows = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines() if line.startswith("| ")}
+    main, words = text.split("Words by kind")  # two tables: the methods', then each model's words by kind
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in main.splitlines() if line.startswith("| ")}
+    assert {line.split(" | ")[0].removeprefix("| ") for line in words.splitlines()[4:]} == {"sft", "grpo", "dpo-rm"}
     assert {"sft", "grpo", "dpo-rm"} <= set(rows)  # the models the short form evaluates
     assert "grpo (dapo, reward pig-latin), ref adapter" in rows["grpo"] and rows["grpo"].endswith("| 1 |")
     assert "pairs judged by rm:rm" in rows["dpo-rm"]
